@@ -82,8 +82,11 @@ def _leading_letter(text: str) -> tuple[str, str] | None:
     return None
 
 
-def _match_option_text(text: str, options: Mapping[str, str]) -> str | None:
-    """The one option `text` names by its words (MMAU's rule), or None."""
+def match_option_text(text: str, options: Mapping[str, str]) -> str | None:
+    """The one option `text` names by its words (MMAU's rule), or None; letters in `text` mean nothing here.
+
+    For closed answer sets asked without letters ("how many beeps?" over one..four), where a bare "a" is a word.
+    """
     norm = normalize_text(text)
     if not norm:
         return None
@@ -117,11 +120,11 @@ def match_option(prediction: str, options: Mapping[str, str]) -> str | None:
     if marker is not None and marker[0] in options:
         letter, rest = marker
         if rest:
-            named = _match_option_text(rest, options)
+            named = match_option_text(rest, options)
             if named is not None and named != letter and normalize_text(rest) == normalize_text(options[named]):
                 return None  # "b) cat" where (B) is "dog": the model contradicts itself
         return letter
-    return _match_option_text(text, options)
+    return match_option_text(text, options)
 
 
 def resolve_reference_option(answer: str, options: Mapping[str, str]) -> str:
