@@ -1,0 +1,128 @@
+"""Batches built from examples of similar window count, with an exactly resumable state.
+
+Audio is padded to the largest window count in a batch, so mixing a 10 s clip with a 5 min one wastes 29 windows
+of encoder compute. This iterator keeps a few decoded examples pending, grouped by window count, and emits a batch
+as soon as one group is full; if too many are pending it emits the oldest example with its nearest neighbours.
+
+It reads its parent `MapDataset` by index, so its state is just (next index, pending indices, unreported skips):
+restoring re-decodes the pending examples, which are pure functions of their index. Under `mp_prefetch` each
+worker process runs one copy over its slice of the parent (`set_slice`).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import grain
+import numpy as np
+
+from af2_jax.data.batching import collate
+from af2_jax.data.examples import Skipped
+
+# Private keys that travel with a batch from the workers to the main process, which strips them (pipeline.py).
+SKIPPED_KEY = "_skipped"
+REAL_WINDOWS_KEY = "_real_windows"
+
+
+class BucketBatchIterDataset(grain.IterDataset):
+    """Batches of `batch_size` examples from a MapDataset of examples (or `Skipped` markers, or None)."""
+
+    def __init__(self, parent: grain.MapDataset, *, batch_size: int, pad_id: int, max_tokens: int,
+                 max_pending: int | None = None, drop_remainder: bool = True):
+        super().__init__(parent)
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self._batch_size = batch_size
+        self._pad_id = pad_id
+        self._max_tokens = max_tokens
+        self._max_pending = max(max_pending or 4 * batch_size, batch_size)
+        self._drop_remainder = drop_remainder
+
+    def set_slice(self, sl: slice, sequential_slice: bool = False) -> None:
+        """Called by grain's mp_prefetch on each worker's copy: read only that worker's share of the parent."""
+        self._parents = (self._parent.slice(sl),)
+
+    def __iter__(self) -> "BucketBatchIterator":
+        return BucketBatchIterator(self._parent, batch_size=self._batch_size, pad_id=self._pad_id,
+                                   max_tokens=self._max_tokens, max_pending=self._max_pending,
+                                   drop_remainder=self._drop_remainder)
+
+    def __str__(self) -> str:
+        return f"BucketBatchIterDataset(batch_size={self._batch_size}, max_pending={self._max_pending})"
+
+
+class BucketBatchIterator(grain.DatasetIterator):
+
+    def __init__(self, source: grain.MapDataset, *, batch_size, pad_id, max_tokens, max_pending, drop_remainder):
+        super().__init__()
+        self._source = source
+        self._length = len(source)
+        self._batch_size = batch_size
+        self._pad_id = pad_id
+        self._max_tokens = max_tokens
+        self._max_pending = max_pending
+        self._drop_remainder = drop_remainder
+        self._next_index = 0
+        self._pending: list[tuple[int, dict]] = []  # (source index, example), oldest first
+        self._skipped: list[list[str]] = []  # [record id, reason] not yet reported with a batch
+
+    def __next__(self) -> dict[str, Any]:
+        while True:
+            chosen = self._choose_batch()
+            if chosen is not None:
+                return self._emit(chosen)
+            if self._next_index >= self._length:
+                if self._pending and not self._drop_remainder:
+                    return self._emit(sorted(range(len(self._pending)), key=self._windows_at))
+                raise StopIteration
+            index = self._next_index
+            self._next_index += 1
+            self._take(index, self._source[index])
+
+    def _take(self, index: int, item) -> None:
+        if item is None:  # filtered out upstream
+            return
+        if isinstance(item, Skipped):
+            self._skipped.append([item.record_id, item.reason])
+        else:
+            self._pending.append((index, item))
+
+    def _windows_at(self, position: int) -> int:
+        return self._pending[position][1]["windows"].shape[0]
+
+    def _choose_batch(self) -> list[int] | None:
+        """Positions in `_pending` of the next batch, or None to keep reading."""
+        groups: dict[int, list[int]] = {}
+        for position in range(len(self._pending)):
+            groups.setdefault(self._windows_at(position), []).append(position)
+        full = [members for members in groups.values() if len(members) >= self._batch_size]
+        if full:
+            return min(full, key=lambda members: members[0])[: self._batch_size]  # the group with the oldest
+        if len(self._pending) >= self._max_pending:
+            target = self._windows_at(0)
+            order = sorted(range(len(self._pending)), key=lambda p: (abs(self._windows_at(p) - target), p))
+            return order[: self._batch_size]
+        return None
+
+    def _emit(self, positions: list[int]) -> dict[str, Any]:
+        chosen = set(positions)
+        examples = [self._pending[p][1] for p in positions]
+        self._pending = [item for p, item in enumerate(self._pending) if p not in chosen]
+        batch = collate(examples, pad_id=self._pad_id, max_tokens=self._max_tokens)
+        batch[SKIPPED_KEY] = self._skipped
+        batch[REAL_WINDOWS_KEY] = np.int64(sum(e["windows"].shape[0] for e in examples))
+        self._skipped = []
+        return batch
+
+    def get_state(self) -> dict[str, Any]:
+        return {"next_index": self._next_index, "pending": [index for index, _ in self._pending],
+                "skipped": [list(s) for s in self._skipped]}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._next_index = int(state["next_index"])
+        self._skipped = [list(s) for s in state["skipped"]]
+        self._pending = []
+        for index in state["pending"]:  # decoding is a pure function of the index: this rebuilds the buffer
+            self._take(int(index), self._source[int(index)])
+
+    def __str__(self) -> str:
+        return f"BucketBatchIterator(next_index={self._next_index}, pending={len(self._pending)})"

@@ -1,0 +1,67 @@
+"""The data config: which sources a run reads, with what weights; and the tiny presets' synthetic configs.
+
+    {'sources': [{'kind': 'synthetic' | 'manifest' | 'jsonl' | 'arrayrecord', 'weight': 1.0, ...kind fields}]}
+
+Kind fields (docs/DATA.md has the full table):
+  synthetic:   split ('train' | 'test'), num_examples, skills (list of names), seed (the data's identity, not
+               the shuffle's; default 0)
+  manifest:    path (an AF2 dataset JSON), audio_root (optional), dataset (optional name), strict (default False)
+  jsonl:       path, audio_root, dataset, strict
+  arrayrecord: path (a folder written by af2_jax.data.tfds_builder, or one .array_record file)
+An ml_collections ConfigDict or a plain dict both work.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from af2_jax.data import synthetic
+
+KINDS = ("synthetic", "manifest", "jsonl", "arrayrecord")
+DEFAULT_TRAIN_EXAMPLES = 20000
+DEFAULT_TEST_EXAMPLES = 512
+
+
+def as_dict(config: Any) -> dict:
+    """ConfigDict or mapping -> plain dict (recursively), so the rest of the code handles one type."""
+    if hasattr(config, "to_dict"):
+        config = config.to_dict()
+    if isinstance(config, dict):
+        return {k: as_dict(v) for k, v in config.items()}
+    if isinstance(config, (list, tuple)):
+        return [as_dict(v) for v in config]
+    return config
+
+
+def validate(data_config: Any) -> list[dict]:
+    """The config's sources as plain dicts; raises ValueError naming the bad source and field."""
+    config = as_dict(data_config)
+    sources = config.get("sources") if isinstance(config, dict) else None
+    if not sources:
+        raise ValueError("data config: 'sources' must be a non-empty list")
+    for k, source in enumerate(sources):
+        if not isinstance(source, dict):
+            raise ValueError(f"data config: sources[{k}] must be a dict, got {type(source).__name__}")
+        kind = source.get("kind")
+        if kind not in KINDS:
+            raise ValueError(f"data config: sources[{k}].kind must be one of {KINDS}, got {kind!r}")
+        if kind != "synthetic" and not source.get("path"):
+            raise ValueError(f"data config: sources[{k}] ({kind}) needs a 'path'")
+        weight = source.get("weight", 1.0)
+        if not isinstance(weight, (int, float)) or weight <= 0:
+            raise ValueError(f"data config: sources[{k}].weight must be > 0, got {weight!r}")
+    return sources
+
+
+def default_synthetic_config(split: str = "train", *, stage: int = 1, num_examples: int | None = None,
+                             seed: int = 0) -> dict:
+    """The tiny presets' data: stages 1-2 train the short skills; stage 3 mixes long-audio skills with a replay
+    of the short ones (half and half), as the paper's stage 3 adds LongAudio to the earlier data."""
+    if stage not in (1, 2, 3):
+        raise ValueError(f"stage must be 1, 2 or 3, got {stage}")
+    n = num_examples or (DEFAULT_TRAIN_EXAMPLES if split == "train" else DEFAULT_TEST_EXAMPLES)
+    short = {"kind": "synthetic", "split": split, "skills": list(synthetic.SHORT_SKILLS), "num_examples": n,
+             "seed": seed, "weight": 1.0}
+    if stage < 3:
+        return {"sources": [short]}
+    long = dict(short, skills=list(synthetic.LONG_SKILLS), seed=seed + 1)
+    return {"sources": [dict(short, weight=0.5), dict(long, weight=0.5)]}

@@ -1,0 +1,126 @@
+"""The Grain input pipeline: blended sources -> per-process slice -> decode + tokenise -> bucketed, padded batches.
+
+    sources (synthetic / manifests / ArrayRecord), each globally shuffled by seed, repeated, mixed by weight
+      -> ds[process_index::process_count]                     (each host reads its own share, MaxText style)
+      -> map(record -> example | Skipped)                     (decode, resample, window, tokenise with loss mask)
+      -> BucketBatchIterDataset                               (batches of similar window count, exact resume)
+      -> mp_prefetch(num_workers)                              (all of the above in worker processes)
+      -> accounting                                            (main process: skip counter, padding fraction)
+
+A batch is a dict of numpy arrays with exactly the keys of `batching.BATCH_KEYS`. The iterator is a grain
+`DatasetIterator`: `get_state()` / `set_state()` (or grain.checkpoint with Orbax) resume it exactly.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from typing import Any
+
+import grain
+
+from af2_jax.data import bucketing, sources
+from af2_jax.data.examples import make_example_or_skip
+
+PADDING_LOG_EVERY = 100  # batches
+
+
+class _ParseAbslFlags:
+    """Worker init: parse the parent's command line into absl FLAGS, so code reading flags works in workers.
+
+    Grain starts fresh worker processes in which FLAGS were never parsed; reading any flag there would raise
+    UnparsedFlagAccessError. Flags the worker does not define are ignored (known_only)."""
+
+    def __init__(self, argv):
+        self._argv = list(argv)
+
+    def __call__(self, worker_index: int, worker_count: int) -> None:
+        from absl import flags
+
+        if not flags.FLAGS.is_parsed():
+            try:
+                flags.FLAGS(self._argv, known_only=True)
+            except flags.Error:
+                flags.FLAGS.mark_as_parsed()
+
+
+def make_dataset(data_config, tokenizer, *, seed: int, batch_size: int, max_windows: int, max_tokens: int,
+                 process_index: int = 0, process_count: int = 1, num_workers: int = 0, epochs: int | None = None,
+                 shuffle: bool = True, drop_remainder: bool = True, max_pending: int | None = None,
+                 worker_buffer_size: int = 2) -> grain.IterDataset:
+    """The per-process stream of batches (`batch_size` is per process). See the module docstring."""
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+    ds = sources.blend(data_config, seed=seed, shuffle=shuffle, epochs=epochs)
+    ds = ds[process_index::process_count]
+    ds = ds.map(functools.partial(make_example_or_skip, tokenizer=tokenizer, max_windows=max_windows,
+                                  max_tokens=max_tokens))
+    ds = bucketing.BucketBatchIterDataset(ds, batch_size=batch_size, pad_id=tokenizer.pad_id,
+                                          max_tokens=max_tokens, max_pending=max_pending,
+                                          drop_remainder=drop_remainder)
+    if num_workers > 0:
+        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers,
+                                                         per_worker_buffer_size=worker_buffer_size),
+                            worker_init_fn=_ParseAbslFlags(sys.argv))
+    return AccountingIterDataset(ds)
+
+
+def make_iterator(data_config, tokenizer, **kwargs) -> "AccountingIterator":
+    """`iter(make_dataset(...))`: a checkpointable iterator with `num_skipped`, `skipped` and `padding_fraction`."""
+    return iter(make_dataset(data_config, tokenizer, **kwargs))
+
+
+class AccountingIterDataset(grain.IterDataset):
+    """Strips the workers' private batch keys, counting skipped records and padded windows in the main process."""
+
+    def __init__(self, parent: grain.IterDataset):
+        super().__init__(parent)
+
+    def __iter__(self) -> "AccountingIterator":
+        return AccountingIterator(self._parent.__iter__())
+
+
+class AccountingIterator(grain.DatasetIterator):
+
+    def __init__(self, parent: grain.DatasetIterator):
+        super().__init__(parent)
+        self.num_skipped = 0
+        self.skipped: list[tuple[str, str]] = []  # the most recent (record id, reason), for logs and tests
+        self.num_batches = 0
+        self.real_windows = 0
+        self.total_windows = 0
+
+    @property
+    def padding_fraction(self) -> float:
+        """Share of audio windows in all batches so far that were padding."""
+        return 1.0 - self.real_windows / self.total_windows if self.total_windows else 0.0
+
+    def __next__(self) -> dict[str, Any]:
+        batch = dict(next(self._parent))
+        for record_id, reason in batch.pop(bucketing.SKIPPED_KEY):
+            self.num_skipped += 1
+            self.skipped = (self.skipped + [(record_id, reason)])[-100:]
+            logging.warning("skipped record %s (%d skipped so far): %s", record_id, self.num_skipped, reason)
+        self.real_windows += int(batch.pop(bucketing.REAL_WINDOWS_KEY))
+        self.total_windows += int(batch["audio_mask"].size)
+        self.num_batches += 1
+        if self.num_batches % PADDING_LOG_EVERY == 0:
+            logging.info("data: %d batches, audio padding %.1f%% of windows, %d records skipped",
+                         self.num_batches, 100 * self.padding_fraction, self.num_skipped)
+        return batch
+
+    def get_state(self) -> dict[str, Any]:
+        return {"parent": self._parent.get_state(), "num_skipped": self.num_skipped, "num_batches": self.num_batches,
+                "real_windows": self.real_windows, "total_windows": self.total_windows}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._parent.set_state(state["parent"])
+        self.num_skipped = int(state["num_skipped"])
+        self.num_batches = int(state["num_batches"])
+        self.real_windows = int(state["real_windows"])
+        self.total_windows = int(state["total_windows"])
+
+    def close(self) -> None:
+        """Stops worker processes (mp_prefetch) now rather than at garbage collection."""
+        if hasattr(self._parent, "close"):
+            self._parent.close()
