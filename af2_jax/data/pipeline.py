@@ -44,15 +44,22 @@ class _ParseAbslFlags:
                 flags.FLAGS.mark_as_parsed()
 
 
+def make_record_dataset(data_config, *, seed: int, process_index: int = 0, process_count: int = 1,
+                        epochs: int | None = None, shuffle: bool = True) -> grain.MapDataset:
+    """This process's records (not yet decoded): the seeded blend, then every process_count-th from process_index."""
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+    ds = sources.blend(data_config, seed=seed, shuffle=shuffle, epochs=epochs)
+    return ds[process_index::process_count]
+
+
 def make_dataset(data_config, tokenizer, *, seed: int, batch_size: int, max_windows: int, max_tokens: int,
                  process_index: int = 0, process_count: int = 1, num_workers: int = 0, epochs: int | None = None,
                  shuffle: bool = True, drop_remainder: bool = True, max_pending: int | None = None,
                  worker_buffer_size: int = 2) -> grain.IterDataset:
     """The per-process stream of batches (`batch_size` is per process). See the module docstring."""
-    if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index {process_index} not in [0, {process_count})")
-    ds = sources.blend(data_config, seed=seed, shuffle=shuffle, epochs=epochs)
-    ds = ds[process_index::process_count]
+    ds = make_record_dataset(data_config, seed=seed, process_index=process_index, process_count=process_count,
+                             epochs=epochs, shuffle=shuffle)
     ds = ds.map(functools.partial(make_example_or_skip, tokenizer=tokenizer, max_windows=max_windows,
                                   max_tokens=max_tokens))
     ds = bucketing.BucketBatchIterDataset(ds, batch_size=batch_size, pad_id=tokenizer.pad_id,
