@@ -163,7 +163,7 @@ def _pitch(rng):
 def _timbre(rng):
     k = int(rng.integers(len(INSTRUMENTS)))
     timbre = ("sine", "square", "sawtooth", "pluck")[k]
-    clip_s = float(rng.uniform(3.0, 7.0))
+    clip_s = float(rng.uniform(3.5, 7.0))
     clip = np.zeros(int(clip_s * SAMPLE_RATE))
     notes = int(rng.integers(2, 4))
     for s in _spaced_starts(rng, notes, clip_s, 0.7, 0.2):
