@@ -1,14 +1,60 @@
 """NVIDIA's AF2 PyTorch release <-> our AF2Model: the whole-model key table, the release directory layout, and the
-tokenizer import.
+tokenizer import. Used by `launch/convert.py af2-from-torch` / `af2-to-torch`.
 
-This file starts with the cross-attention rules; the whole-model table is composed below them.
+Release layout (HF hub `nvidia/audio-flamingo-2*`, af2_reference.md section 7), as read by the reference's
+`inference_HF_pretrained/inference.py`:
+
+    <release>/clap_ckpt/<name>.pt        AF-CLAP training checkpoint; only `module.audio_branch.*` (the HTSAT audio
+                                         branch, loaded as `clap.nvclap.*`) is used: the text branch and optimizer
+                                         state are ignored by design (the import report counts them)
+    <release>/safe_ckpt/metadata.json    names the chunks; the reference iterates over it, so a JSON list of chunk
+                                         names and a dict keyed by chunk name both work. We WRITE a dict
+                                         {chunk name: [the keys it holds]}.
+    <release>/safe_ckpt/<chunk>.safetensors   the model's state dict, merged over chunks and loaded AFTER the CLAP
+                                         checkpoint, so its `clap.nvclap.*` entries win.
+
+A single state-dict file (`.safetensors`, or a `.pt` read with `torch.load(weights_only=True)`, an optional
+'module.' prefix stripped) is accepted too. The reference's state dict names several tensors twice; the aliases
+(`lang_encoder.old_decoder_blocks.{i}.*` = `...model.layers.{i}.decoder_layer.*`,
+`lang_encoder.gated_cross_attn_layers_sound.{i}.*` = `...model.layers.{i}.gated_cross_attn_layer_sound.*`, and
+the tied `lang_encoder.lm_head.weight`) are optional on import, checked equal to their twin when present, and
+written on export, so the exported key set is the reference's full `state_dict()`.
 """
 from __future__ import annotations
 
-import numpy as np
+import argparse
+import dataclasses
+import json
+import re
+from pathlib import Path
+from typing import Any, Mapping
 
-from af2_jax.convert.mapping import IDENTITY, LINEAR, Rule, Tensor, Transform
+import numpy as np
+from safetensors.numpy import save_file
+
+from af2_jax.convert import commands
+from af2_jax.convert.af2_torch import audio_transformer_rules, htsat_rules
+from af2_jax.convert.mapping import (IDENTITY, LINEAR, Alias, ConversionError, Rule, Tensor, Transform,
+                                     export_tensors, flatten, import_tensors)
+from af2_jax.convert.qwen2_hf import qwen2_layer_rules
+from af2_jax.convert.tensor_files import SafetensorsSource, TorchFileSource
 from af2_jax.models.xattn import XAttnConfig
+
+CLAP_PREFIX = "clap.nvclap."
+AUDIO_TRANSFORMER_PREFIX = "audio_transformer_clap."
+XATTN_PREFIX = "lang_encoder.model.layers.{i}.gated_cross_attn_layer_sound."
+XATTN_ALIAS_PREFIX = "lang_encoder.gated_cross_attn_layers_sound.{i}."
+DECODER_PREFIX = "lang_encoder.model.layers.{i}.decoder_layer."
+DECODER_ALIAS_PREFIX = "lang_encoder.old_decoder_blocks.{i}."
+EMBED_KEY = "lang_encoder.model.embed_tokens.weight"
+LM_HEAD_KEY = "lang_encoder.lm_head.weight"
+CLAP_CKPT_PREFIX = "module.audio_branch."  # the audio branch inside the AF-CLAP checkpoint
+METADATA_FILE = "metadata.json"
+CHUNK_BYTES = 4 << 30
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the key table
 
 
 def _kv_transform(config: XAttnConfig) -> Transform:
@@ -37,3 +83,331 @@ def xattn_rules(config: XAttnConfig, prefix: str, ours_prefix: str) -> list[Rule
         Tensor(f"{o}ff_in", f"{p}ff.1.weight", LINEAR),
         Tensor(f"{o}ff_out", f"{p}ff.3.weight", LINEAR),
     ]
+
+
+def _aliases(rules: list[Rule], canonical_prefix: str, alias_prefix: str) -> list[Alias]:
+    """One alias per tensor rule under `canonical_prefix`, re-rooted at `alias_prefix`."""
+    return [Alias(alias_prefix + r.theirs[len(canonical_prefix):], same_as=r.theirs)
+            for r in rules if isinstance(r, Tensor) and r.theirs.startswith(canonical_prefix)]
+
+
+def af2_rules(config) -> list[Rule]:
+    """The whole AF2 model's table: our flat paths <-> the reference `Flamingo.state_dict()` keys."""
+    xattn = xattn_rules(config.xattn, XATTN_PREFIX, "xattn/")
+    decoder = qwen2_layer_rules("llm/layers/", DECODER_PREFIX)
+    rules: list[Rule] = [
+        *htsat_rules(config.htsat, CLAP_PREFIX, "htsat/"),
+        *audio_transformer_rules(config.audio_transformer, AUDIO_TRANSFORMER_PREFIX, "audio_transformer/"),
+        *xattn, *_aliases(xattn, XATTN_PREFIX, XATTN_ALIAS_PREFIX),
+        *decoder, *_aliases(decoder, DECODER_PREFIX, DECODER_ALIAS_PREFIX),
+        Tensor("llm/embed_tokens/embedding", EMBED_KEY, IDENTITY),
+        Tensor("llm/norm/scale", "lang_encoder.model.norm.weight", IDENTITY),
+    ]
+    if config.llm.tie_word_embeddings:
+        rules.append(Alias(LM_HEAD_KEY, same_as=EMBED_KEY, export=True))  # the reference stores it as well
+    else:
+        rules.append(Tensor("llm/lm_head/kernel", LM_HEAD_KEY, LINEAR))
+    return rules
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# reading a release
+
+
+class _ClapAudioBranch:
+    """The AF-CLAP checkpoint's `module.audio_branch.*` entries seen as `clap.nvclap.*`; counts what it ignores."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._file = TorchFileSource(path)
+        all_keys = self._file.keys()
+        self._names = {CLAP_PREFIX + k[len(CLAP_CKPT_PREFIX):]: k for k in all_keys if k.startswith(CLAP_CKPT_PREFIX)}
+        self.ignored = len(all_keys) - len(self._names)
+        if not self._names:
+            raise ConversionError({f"{path}: no '{CLAP_CKPT_PREFIX}*' keys (not an AF-CLAP checkpoint)":
+                                   all_keys[:20]})
+
+    def keys(self) -> list[str]:
+        return list(self._names)
+
+    def get(self, key: str) -> np.ndarray:
+        return self._file.get(self._names[key])
+
+
+class _Overlay:
+    """`primary`'s keys over `fallback`'s (the reference loads the CLAP file first, then the chunks on top)."""
+
+    def __init__(self, primary, fallback):
+        self.primary, self.fallback = primary, fallback
+        self._primary_keys = set(primary.keys())
+        self.overridden = sum(k in self._primary_keys for k in fallback.keys())
+
+    def keys(self) -> list[str]:
+        return list(self.primary.keys()) + [k for k in self.fallback.keys() if k not in self._primary_keys]
+
+    def get(self, key: str) -> np.ndarray:
+        return (self.primary if key in self._primary_keys else self.fallback).get(key)
+
+
+class _StripPrefix:
+    """A state dict whose every key starts with `prefix` (e.g. a DDP 'module.'), seen without it."""
+
+    def __init__(self, source, prefix: str):
+        self.source, self.prefix = source, prefix
+
+    def keys(self) -> list[str]:
+        return [k[len(self.prefix):] for k in self.source.keys()]
+
+    def get(self, key: str) -> np.ndarray:
+        return self.source.get(self.prefix + key)
+
+
+def read_chunk_names(metadata_path: Path) -> list[str]:
+    """Chunk names from safe_ckpt/metadata.json: a JSON list of names or a dict keyed by name."""
+    try:
+        data = json.loads(metadata_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{metadata_path}: not valid JSON ({e})") from None
+    names = list(data) if isinstance(data, (list, dict)) else None
+    if not names or not all(isinstance(n, str) for n in names):
+        raise ValueError(f"{metadata_path}: expected a non-empty JSON list of chunk names or an object keyed by "
+                         f"chunk name, got {type(data).__name__}")
+    return [n[:-len(".safetensors")] if n.endswith(".safetensors") else n for n in names]
+
+
+@dataclasses.dataclass
+class ReleaseSource:
+    """A release (directory or single file) as one tensor source, plus what the import report says about it."""
+
+    source: Any
+    description: str
+    clap_keys_ignored: int = 0
+    clap_keys_overridden: int = 0
+
+
+def _single_file(path: Path) -> Any:
+    if path.suffix == ".safetensors":
+        source = SafetensorsSource([path])
+    elif path.suffix in (".pt", ".pth", ".bin", ".ckpt"):
+        source = TorchFileSource(path)
+    else:
+        raise ValueError(f"{path}: unknown state-dict file type (expected .safetensors or .pt)")
+    keys = source.keys()
+    if keys and all(k.startswith("module.") for k in keys):
+        source = _StripPrefix(source, "module.")
+    return source
+
+
+def open_release(src: str | Path) -> ReleaseSource:
+    """NVIDIA's release directory (safe_ckpt/ + optional clap_ckpt/), a bare safe_ckpt directory, or one file."""
+    src = Path(src)
+    if src.is_file():
+        return ReleaseSource(_single_file(src), f"state-dict file {src}")
+    if not src.is_dir():
+        raise FileNotFoundError(f"{src}: no such file or directory")
+    safe_dir = src / "safe_ckpt" if (src / "safe_ckpt").is_dir() else src
+    metadata = safe_dir / METADATA_FILE
+    if not metadata.is_file():
+        raise FileNotFoundError(f"{src}: no safe_ckpt/{METADATA_FILE} (not an AF2 release directory)")
+    chunks = [safe_dir / f"{name}.safetensors" for name in read_chunk_names(metadata)]
+    missing = [str(c) for c in chunks if not c.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{metadata}: names chunks that do not exist: {missing}")
+    source: Any = SafetensorsSource(chunks)
+    release = ReleaseSource(source, f"{len(chunks)} safetensors chunk(s) in {safe_dir}")
+    clap_dir = src / "clap_ckpt"
+    if clap_dir.is_dir():
+        clap_files = sorted(p for p in clap_dir.iterdir() if p.suffix in (".pt", ".pth", ".ckpt"))
+        if len(clap_files) > 1:
+            raise ValueError(f"{clap_dir}: several CLAP checkpoints {[p.name for p in clap_files]}; keep one")
+        if clap_files:
+            clap = _ClapAudioBranch(clap_files[0])
+            overlay = _Overlay(source, clap)
+            release = ReleaseSource(overlay, f"{release.description} over {clap_files[0]}",
+                                    clap_keys_ignored=clap.ignored, clap_keys_overridden=overlay.overridden)
+    return release
+
+
+def count_layers(keys, pattern: str = r"lang_encoder\.model\.layers\.(\d+)\.decoder_layer\.") -> int:
+    found = {int(m.group(1)) for k in keys if (m := re.match(pattern, k))}
+    return max(found) + 1 if found else 0
+
+
+def detect_preset(source) -> tuple[str, dict]:
+    """The AF2 preset whose LLM matches the checkpoint (hidden size, depth), and the vocabulary override."""
+    from af2_jax.models.af2 import AF2_PRESETS
+    from af2_jax.models.qwen2 import QWEN2_PRESETS
+
+    keys = source.keys()
+    if EMBED_KEY not in keys:
+        raise ConversionError({"missing keys": [EMBED_KEY]})
+    vocab, hidden = source.get(EMBED_KEY).shape
+    layers = count_layers(keys)
+    for name, spec in AF2_PRESETS.items():
+        llm = QWEN2_PRESETS[spec["llm"]]
+        if llm["hidden_size"] == hidden and llm["num_layers"] == layers:
+            return name, {"vocab_size": int(vocab)}
+    raise ValueError(f"no AF2 preset has an LLM of hidden size {hidden} and {layers} layers; "
+                     f"known: {sorted(AF2_PRESETS)}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# import / export
+
+
+def param_shapes(config) -> dict[str, Any]:
+    """Our flat path -> ShapeDtypeStruct of every variable, without allocating the model."""
+    from flax import nnx
+
+    from af2_jax.models.af2 import AF2Model
+
+    abstract = nnx.eval_shape(lambda: AF2Model(config, rngs=nnx.Rngs(0)))
+    return flatten(nnx.state(abstract).to_pure_dict())
+
+
+def _progress_bar(total: int, desc: str, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="tensor", disable=not enabled)
+
+
+def import_release(src: str | Path, *, preset: str | None = None, dtype: Any = None, progress: bool = True,
+                   **config_overrides) -> tuple[Any, dict[str, np.ndarray], dict]:
+    """(AF2Config, flat params, report) from a release directory or state-dict file.
+
+    The preset is detected from the LLM's shapes unless given; `dtype` (default float32, as the release) sets the
+    stored parameter dtype. Every key is accounted for (ConversionError names the others).
+    """
+    import jax.numpy as jnp
+
+    from af2_jax.models.af2 import af2_preset
+
+    release = open_release(src)
+    source = release.source
+    name, llm_overrides = (preset, {}) if preset else detect_preset(source)
+    dtype = getattr(jnp, dtype) if isinstance(dtype, str) else dtype
+    config = af2_preset(name, **({} if dtype is None else {"param_dtype": dtype}), **config_overrides)
+    if llm_overrides:
+        config = dataclasses.replace(config, llm=dataclasses.replace(config.llm, **llm_overrides))
+    shapes = param_shapes(config)
+    targets = {path: (s.shape, s.dtype) for path, s in shapes.items()}
+    keys = source.keys()
+    with _progress_bar(len(keys), f"reading {Path(src).name}", progress) as bar:
+        params = import_tensors(af2_rules(config), source, targets, progress=lambda key: bar.update())
+    report = {"source": release.description, "preset": name, "keys_read": len(keys),
+              "clap_checkpoint_keys_ignored": release.clap_keys_ignored,
+              "clap_keys_overridden_by_safe_ckpt": release.clap_keys_overridden,
+              "parameters": len(params)}
+    return config, params, report
+
+
+def export_state_dict(config, params: Mapping[str, Any]):
+    """(reference key, numpy array) for the reference's whole state dict, aliases included."""
+    return export_tensors(af2_rules(config), {k: np.asarray(v) for k, v in params.items()})
+
+
+def export_release(config, params: Mapping[str, Any], dst: str | Path, *, max_chunk_bytes: int = CHUNK_BYTES,
+                   progress: bool = True) -> list[Path]:
+    """Writes dst/safe_ckpt/model_chunk_{n}.safetensors and metadata.json {chunk name: [keys]}."""
+    safe_dir = Path(dst) / "safe_ckpt"
+    if safe_dir.exists() and any(safe_dir.iterdir()):
+        raise FileExistsError(f"{safe_dir}: already exists and is not empty; export into an empty directory")
+    safe_dir.mkdir(parents=True, exist_ok=True)
+    chunks: dict[str, list[str]] = {}
+    pending: dict[str, np.ndarray] = {}
+    pending_bytes = 0
+
+    def flush():
+        nonlocal pending, pending_bytes
+        name = f"model_chunk_{len(chunks)}"
+        save_file(pending, str(safe_dir / f"{name}.safetensors"), metadata={"format": "pt"})
+        chunks[name] = sorted(pending)
+        pending, pending_bytes = {}, 0
+
+    with _progress_bar(None, f"writing {safe_dir}", progress) as bar:
+        for key, value in export_state_dict(config, params):
+            value = np.array(value, order="C")  # (np.ascontiguousarray would turn a 0-d counter into shape (1,))
+            if pending and pending_bytes + value.nbytes > max_chunk_bytes:
+                flush()
+            pending[key] = value
+            pending_bytes += value.nbytes
+            bar.update()
+    if pending or not chunks:
+        flush()
+    (safe_dir / METADATA_FILE).write_text(json.dumps(chunks, indent=1) + "\n")
+    return [safe_dir / f"{name}.safetensors" for name in chunks]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# tokenizer
+
+
+def import_tokenizer(tokenizer_dir: str | Path, config):
+    """The HF tokenizer directory with AF2's special tokens added if absent; the config's token ids taken from it.
+
+    Raises ValueError when the tokenizer's size differs from the checkpoint's vocabulary (the reference resizes the
+    embeddings to len(tokenizer), so they must agree)."""
+    from af2_jax.tokenizer import AF2Tokenizer
+
+    tokenizer = AF2Tokenizer.from_dir(tokenizer_dir)
+    if len(tokenizer) != config.llm.vocab_size:
+        raise ValueError(f"{tokenizer_dir}: tokenizer has {len(tokenizer)} tokens (AF2 special tokens included) but "
+                         f"the checkpoint's embedding has {config.llm.vocab_size} rows")
+    config = dataclasses.replace(config, audio_token_id=tokenizer.audio_id, eoc_token_id=tokenizer.eoc_id,
+                                 pad_token_id=tokenizer.pad_id, sep_token_id=tokenizer.sep_id,
+                                 eos_token_id=tokenizer.eos_id)
+    return tokenizer, config
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# launch/convert.py subcommands
+
+TOKENIZER_DIR = "tokenizer"
+
+
+def _add_from_torch_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tokenizer", default=None, metavar="DIR",
+                        help="local HF tokenizer directory (tokenizer.json) of the checkpoint's LLM; stored as "
+                             "DST/tokenizer with AF2's special tokens added if absent")
+    parser.add_argument("--preset", default=None, help="AF2 preset (tiny, 0.5b, 1.5b, 3b); default: detected")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                        help="dtype of the stored parameters (default float32, as the release)")
+
+
+def _add_to_torch_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-chunk-bytes", type=int, default=CHUNK_BYTES, help="largest safetensors chunk (bytes)")
+
+
+def _af2_from_torch(args: argparse.Namespace) -> None:
+    from af2_jax import pretrained
+
+    config, params, report = import_release(args.src, preset=args.preset, dtype=args.dtype, progress=args.progress)
+    tokenizer = None
+    if args.tokenizer:
+        tokenizer, config = import_tokenizer(args.tokenizer, config)
+    pretrained.save(args.dst, config, params)
+    if tokenizer is not None:
+        tokenizer.save(Path(args.dst) / TOKENIZER_DIR)
+    else:
+        print(f"warning: no --tokenizer given; {args.dst} holds no tokenizer (launch/infer.py needs one)")
+    for key, value in report.items():
+        print(f"{key}: {value}")
+
+
+def _af2_to_torch(args: argparse.Namespace) -> None:
+    from af2_jax import pretrained
+    from af2_jax.models.af2 import AF2Config
+
+    config, params = pretrained.load(args.src)
+    if not isinstance(config, AF2Config):
+        raise ValueError(f"{args.src}: holds a {type(config).__name__}, not an AF2 model")
+    files = export_release(config, params, args.dst, max_chunk_bytes=args.max_chunk_bytes, progress=args.progress)
+    print(f"wrote {len(files)} chunk(s) and safe_ckpt/{METADATA_FILE}")
+
+
+commands.register_command("af2-from-torch", _af2_from_torch, add_arguments=_add_from_torch_flags,
+                          help="NVIDIA AF2 release (dir with safe_ckpt/ [+ clap_ckpt/]) or state-dict file -> our "
+                               "pretrained format (+ tokenizer)")
+commands.register_command("af2-to-torch", _af2_to_torch, add_arguments=_add_to_torch_flags,
+                          help="our pretrained AF2 directory -> NVIDIA release layout (safe_ckpt/metadata.json + "
+                               "chunks, every reference key, aliases included)")

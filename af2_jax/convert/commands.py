@@ -18,7 +18,8 @@ from typing import Callable
 
 COMMAND_MODULES: list[str] = [
     "af2_jax.convert.qwen2_hf",  # qwen2-from-hf, qwen2-to-hf
-    "af2_jax.convert.af2_torch",  # af2-from-torch, af2-to-torch (NVIDIA AF2 PyTorch)
+    "af2_jax.convert.af2_torch",  # audio-module rule builders of NVIDIA AF2 PyTorch (no commands yet)
+    "af2_jax.convert.af2_release",  # af2-from-torch, af2-to-torch (NVIDIA AF2 release layout)
 ]
 
 

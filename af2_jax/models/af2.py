@@ -13,13 +13,14 @@ Entry points:
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from af2_jax.models import scan
+from af2_jax.models.audio_transformer import AudioTransformer, AudioTransformerConfig, audio_transformer_preset
+from af2_jax.models.htsat import HTSAT, HTSATConfig, htsat_preset
 from af2_jax.models.qwen2 import KVCache, Qwen2Config, Qwen2ForCausalLM, attention_inputs, qwen2_preset
 from af2_jax.models.xattn import GatedCrossAttentionBlock, XAttnConfig
 
@@ -27,16 +28,10 @@ from af2_jax.models.xattn import GatedCrossAttentionBlock, XAttnConfig
 AudioKV = tuple[jax.Array, jax.Array]
 
 
-def _audio_modules():
-    # Imported on use so that the text side (and its tests) do not depend on the audio encoder's import.
-    from af2_jax.models import audio_encoder, audio_transformer, htsat
-    return htsat, audio_transformer, audio_encoder
-
-
 @dataclasses.dataclass(frozen=True)
 class AF2Config:
-    htsat: Any  # af2_jax.models.htsat.HTSATConfig
-    audio_transformer: Any  # af2_jax.models.audio_transformer.AudioTransformerConfig
+    htsat: HTSATConfig
+    audio_transformer: AudioTransformerConfig
     llm: Qwen2Config
     xattn: XAttnConfig
     max_windows: int = 30  # 10 s windows per example (30 = 5 min)
@@ -69,11 +64,11 @@ AF2_PRESETS: dict[str, dict] = {
     # the golden fixture's shapes (../shared/fixtures/af2_tiny); max_windows 12 as in its reference config
     "tiny": dict(htsat="tiny", audio_transformer="tiny", llm="tiny", llm_overrides=dict(max_position_embeddings=512),
                  ids=_TINY_IDS, max_windows=12),
-    "0.5b": dict(htsat="large", audio_transformer="af2", llm="qwen2.5-0.5b", llm_overrides=dict(vocab_size=151669),
+    "0.5b": dict(htsat="large", audio_transformer="large", llm="qwen2.5-0.5b", llm_overrides=dict(vocab_size=151669),
                  ids=_REAL_IDS, max_windows=30),
-    "1.5b": dict(htsat="large", audio_transformer="af2", llm="qwen2.5-1.5b", llm_overrides=dict(vocab_size=151669),
+    "1.5b": dict(htsat="large", audio_transformer="large", llm="qwen2.5-1.5b", llm_overrides=dict(vocab_size=151669),
                  ids=_REAL_IDS, max_windows=30),
-    "3b": dict(htsat="large", audio_transformer="af2", llm="qwen2.5-3b", llm_overrides=dict(vocab_size=151669),
+    "3b": dict(htsat="large", audio_transformer="large", llm="qwen2.5-3b", llm_overrides=dict(vocab_size=151669),
                ids=_REAL_IDS, max_windows=30),
 }
 
@@ -83,13 +78,12 @@ def af2_preset(name: str, **overrides) -> AF2Config:
     `af2_preset('3b', remat_policy='full', max_windows=12)`. `dtype=`/`param_dtype=` set every sub-config's."""
     if name not in AF2_PRESETS:
         raise KeyError(f"unknown AF2 preset {name!r}; choose one of {sorted(AF2_PRESETS)}")
-    htsat, audio_transformer, _ = _audio_modules()
     spec = AF2_PRESETS[name]
     dtypes = {k: overrides.pop(k) for k in ("dtype", "param_dtype") if k in overrides}
     llm = qwen2_preset(spec["llm"], **spec["llm_overrides"], **dtypes)
-    at = audio_transformer.audio_transformer_preset(spec["audio_transformer"], **dtypes)
+    at = audio_transformer_preset(spec["audio_transformer"], **dtypes)
     fields = dict(
-        htsat=htsat.htsat_preset(spec["htsat"], **dtypes),
+        htsat=htsat_preset(spec["htsat"], **dtypes),
         audio_transformer=at,
         llm=llm,
         xattn=XAttnConfig(dim=llm.hidden_size, dim_audio=at.d_model, **dtypes),
@@ -112,9 +106,8 @@ def text_positions(attention_mask: jax.Array) -> jax.Array:
 class AF2Model(nnx.Module):
     def __init__(self, config: AF2Config, *, rngs: nnx.Rngs):
         self.config = config
-        htsat, audio_transformer, _ = _audio_modules()
-        self.htsat = htsat.HTSAT(config.htsat, rngs=rngs)
-        self.audio_transformer = audio_transformer.AudioTransformer(config.audio_transformer, rngs=rngs)
+        self.htsat = HTSAT(config.htsat, rngs=rngs)
+        self.audio_transformer = AudioTransformer(config.audio_transformer, rngs=rngs)
         self.xattn = scan.stack(lambda r: GatedCrossAttentionBlock(config.xattn, rngs=r), config.llm.num_layers, rngs)
         self.llm = Qwen2ForCausalLM(config.llm, rngs=rngs)
 
@@ -124,7 +117,7 @@ class AF2Model(nnx.Module):
                      deterministic: bool = True, rngs: nnx.Rngs | None = None) -> tuple[jax.Array, jax.Array]:
         """audio (B, W, 160000) windows, audio_mask (B, W) -> media (B, W*64, C), media_mask (B, W*64)."""
         from af2_jax.audio.mel import log_mel
-        _, _, audio_encoder = _audio_modules()
+        from af2_jax.models import audio_encoder
         if audio.ndim != 3 or audio_mask.shape != audio.shape[:2]:
             raise ValueError(f"encode_audio: expected audio (B, W, 160000) and audio_mask (B, W), got "
                              f"{audio.shape} and {audio_mask.shape}")
