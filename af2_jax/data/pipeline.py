@@ -25,23 +25,28 @@ from af2_jax.data.examples import make_example_or_skip
 PADDING_LOG_EVERY = 100  # batches
 
 
-class _ParseAbslFlags:
-    """Worker init: parse the parent's command line into absl FLAGS, so code reading flags works in workers.
+def ensure_absl_flags_parsed(argv=None) -> None:
+    """Parse `argv` (default sys.argv) into absl FLAGS unless done already; unknown flags are ignored.
 
-    Grain starts fresh worker processes in which FLAGS were never parsed; reading any flag there would raise
-    UnparsedFlagAccessError. Flags the worker does not define are ignored (known_only)."""
+    Grain reads its own absl flags when it starts worker processes, and fresh workers never parsed FLAGS; under
+    pytest or a plain script nobody did either, and reading any flag would raise UnparsedFlagAccessError."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        try:
+            flags.FLAGS(list(sys.argv if argv is None else argv), known_only=True)
+        except flags.Error:
+            flags.FLAGS.mark_as_parsed()
+
+
+class _ParseAbslFlags:
+    """Worker init: parse the parent's command line into the worker's absl FLAGS."""
 
     def __init__(self, argv):
         self._argv = list(argv)
 
     def __call__(self, worker_index: int, worker_count: int) -> None:
-        from absl import flags
-
-        if not flags.FLAGS.is_parsed():
-            try:
-                flags.FLAGS(self._argv, known_only=True)
-            except flags.Error:
-                flags.FLAGS.mark_as_parsed()
+        ensure_absl_flags_parsed(self._argv)
 
 
 def make_record_dataset(data_config, *, seed: int, process_index: int = 0, process_count: int = 1,
@@ -66,6 +71,7 @@ def make_dataset(data_config, tokenizer, *, seed: int, batch_size: int, max_wind
                                           max_tokens=max_tokens, max_pending=max_pending,
                                           drop_remainder=drop_remainder)
     if num_workers > 0:
+        ensure_absl_flags_parsed()
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers,
                                                          per_worker_buffer_size=worker_buffer_size),
                             worker_init_fn=_ParseAbslFlags(sys.argv))
