@@ -16,6 +16,7 @@ Rows whose audio cannot be read are skipped, counted and reported (the build doe
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import pathlib
 import sys
@@ -26,8 +27,9 @@ NAME = "af2_audio"
 DEFAULT_MAX_SECONDS = 300.0  # 30 windows = 5 minutes, AF2's longest context
 
 
+@functools.lru_cache(maxsize=None)
 def _builder_class():
-    """Defined lazily: importing tensorflow_datasets takes seconds, and only building needs the class."""
+    """Defined lazily (importing tensorflow_datasets takes seconds) and once (TFDS registers names globally)."""
     import tensorflow_datasets as tfds
 
     class Af2Audio(tfds.core.GeneratorBasedBuilder):
