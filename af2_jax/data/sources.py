@@ -26,7 +26,7 @@ def make_source(source: dict):
     if kind == "arrayrecord":
         from af2_jax.data.tfds_builder import ArrayRecordSource
 
-        return ArrayRecordSource(source["path"])
+        return ArrayRecordSource(source["path"], source.get("split", "train"))
     raise ValueError(f"unknown source kind {kind!r}")
 
 
