@@ -1,0 +1,148 @@
+"""Evaluate a model on a test set: load each batch's audio, generate answers, score them per task.
+
+A test set is any sequence of records (`af2_jax.data.synthetic.SyntheticSource`, or the list that
+`af2_jax.data.manifests.read_manifest` returns): a record has 'prompt', 'answer', an id, and either a 'waveform'
+(with 'sample_rate') or an 'audio' path (with 'start'/'duration'), read as training reads them; 'skill' or
+'dataset' names its task and 'choices' its closed answer set. Records are read one batch at a time, so a long test set never sits in memory.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import pathlib
+import warnings
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from af2_jax.audio import io as audio_io
+from af2_jax.audio import windows as audio_windows
+from af2_jax.data.examples import load_waveform
+from af2_jax.evaluation import scoring
+from af2_jax.tokenizer import extract_answer
+
+# (per-example windows (n_i, 160000), prompts) -> decoded answers, one per prompt.
+GenerateFn = Callable[[Sequence[np.ndarray], Sequence[str]], list[str]]
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSettings:
+    batch_size: int = 8
+    max_windows: int = 3
+
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.max_windows < 1:
+            raise ValueError(f"max_windows must be >= 1, got {self.max_windows}")
+
+
+def model_directory(checkpoint) -> pathlib.Path:
+    """A pretrained-format directory (config.json + params/), or a training workdir whose final/ is one."""
+    path = pathlib.Path(checkpoint)
+    for candidate in (path, path / "final"):
+        if (candidate / "config.json").is_file() and (candidate / "params").is_dir():
+            return candidate
+    raise FileNotFoundError(f"{path}: not a model directory (config.json + params/) nor a workdir with final/")
+
+
+def load_tokenizer(model_dir: pathlib.Path, tokenizer_path=None):
+    """The tokenizer the model was trained with: `tokenizer_path`; else a tokenizer.json beside the model; else the
+    training run's `tokenizer` setting (its workdir's run config); else the synthetic dataset's tiny tokenizer."""
+    from af2_jax.tokenizer import AF2Tokenizer
+
+    if tokenizer_path:
+        return AF2Tokenizer.from_dir(tokenizer_path)
+    if (model_dir / "tokenizer.json").is_file():
+        return AF2Tokenizer.from_dir(model_dir)
+    run_config = model_dir.parent / "config.json"  # a training workdir's run config, when model_dir is its final/
+    if model_dir.name == "final" and run_config.is_file():
+        setting = json.loads(run_config.read_text()).get("tokenizer")
+        if setting:
+            return AF2Tokenizer.from_dir(setting)
+    from af2_jax.data.synthetic import synthetic_tokenizer
+
+    return synthetic_tokenizer()
+
+
+def task_of(record: Mapping[str, Any]) -> str:
+    """A record's task: its synthetic skill, else its dataset (an AF2 manifest's 'Name-Task')."""
+    return str(record.get("skill") or record.get("dataset") or "default")
+
+
+def record_windows(records: Sequence[Mapping[str, Any]], max_windows: int) -> list[np.ndarray]:
+    """Each record's (n, 160000) windows, its audio read and prepared exactly as training reads it."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", audio_io.SilentAudioWarning)
+        return [audio_windows.make_windows(load_waveform(r, max_windows), max_windows, name=str(r.get("id")))
+                for r in records]
+
+
+def model_generate_fn(model, tokenizer, sampling) -> GenerateFn:
+    """Batched generation with `model` (af2_jax.inference.generate.answer_batch); batch i samples with key
+    fold_in(seed, i), so sampled runs are reproducible and batches do not repeat each other's random draws."""
+    import jax
+
+    from af2_jax.inference import generate
+
+    generate.check_tokenizer(model.config, tokenizer)
+    base_key = jax.random.key(sampling.seed)
+    calls = itertools.count()
+
+    def run(windows: Sequence[np.ndarray], prompts: Sequence[str]) -> list[str]:
+        requests = [generate.Request(w, p) for w, p in zip(windows, prompts)]
+        key = jax.random.fold_in(base_key, next(calls))
+        return generate.answer_batch(model, tokenizer, requests, sampling, key=key)
+
+    return run
+
+
+def _example(record: Mapping[str, Any], index: int) -> dict[str, Any]:
+    return {
+        "id": str(record.get("id", index)),
+        "task": task_of(record),
+        "prompt": record["prompt"],
+        "answer": record["answer"],
+        "choices": list(record["choices"]) if record.get("choices") else None,
+        "references": list(record["references"]) if record.get("references") else None,
+    }
+
+
+def predict(generate: GenerateFn, records: Sequence[Mapping[str, Any]], settings: EvalSettings,
+            *, progress: bool = True) -> list[dict[str, Any]]:
+    """Scored predictions for every record, in order.
+
+    The last batch is filled up with copies of its last record (their outputs dropped), so every batch has the
+    same size and the generation step compiles once per window count, not once more for the tail.
+    """
+    from tqdm import tqdm
+
+    items = []
+    starts = range(0, len(records), settings.batch_size)
+    for start in tqdm(starts, desc="evaluating", unit="batch", disable=not progress):
+        batch = [records[i] for i in range(start, min(start + settings.batch_size, len(records)))]
+        real = len(batch)
+        batch = batch + [batch[-1]] * (settings.batch_size - real)
+        texts = generate(record_windows(batch, settings.max_windows), [r["prompt"] for r in batch])
+        if len(texts) != len(batch):
+            raise RuntimeError(f"generate returned {len(texts)} answers for a batch of {len(batch)}")
+        for offset, (record, text) in enumerate(zip(batch[:real], texts[:real])):
+            items.append(scoring.score_item(_example(record, start + offset), extract_answer(text)))
+    return items
+
+
+def evaluate(generate: GenerateFn, records: Sequence[Mapping[str, Any]], settings: EvalSettings,
+             *, progress: bool = True, metadata: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The results payload: {'metadata', 'settings', 'tasks', 'overall', 'predictions'} (see report.write_json)."""
+    if len(records) == 0:
+        raise ValueError("nothing to evaluate: the test set is empty")
+    items = predict(generate, records, settings, progress=progress)
+    tasks, overall = scoring.summarize_by_task(items)
+    return {
+        "metadata": dict(metadata or {}),
+        "settings": dataclasses.asdict(settings),
+        "tasks": tasks,
+        "overall": overall,
+        "predictions": items,
+    }
