@@ -41,6 +41,8 @@ def make_train_step(split: ModelSplit, tx: optax.GradientTransformation, schedul
     """Pure `step(state, frozen, batch) -> (state, metrics)`; jit it with `jit_train_step`."""
 
     def loss_fn(trainable, batch_stats, frozen, micro, rng):
+        # fresh Variable objects at this trace level: the forward updates BatchStats in place when HTSAT trains
+        batch_stats = jax.tree.map(lambda x: x, batch_stats)
         model = split.merge(trainable, batch_stats, frozen)
         rngs = None if deterministic else nnx.Rngs(dropout=rng, augment=jax.random.fold_in(rng, 1))
         logits = model(micro["audio"], micro["audio_mask"], micro["input_ids"], micro["attention_mask"],

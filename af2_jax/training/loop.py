@@ -1,0 +1,217 @@
+"""The training loop of one curriculum stage: build the sharded state (random or `init_from`), resume from the
+newest checkpoint with the data iterator at the same position, run jitted steps, log, checkpoint, stop cleanly on
+SIGTERM/SIGINT (after a checkpoint) or on a non-finite loss (keeping the last good checkpoint), and at the end
+export the model in our pretrained format to `<workdir>/final` for inference and the next stage.
+
+The host never waits on the device inside a step: a step's metrics are read after the next step was dispatched,
+except before a checkpoint, whose state must be known finite.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import pathlib
+import signal
+import threading
+from typing import Any, Callable, Iterator
+
+import jax
+import numpy as np
+
+from af2_jax import sharding
+from af2_jax.training import distributed, initialization, optimizer, step as step_lib, train_state
+from af2_jax.training.checkpointing import Checkpointer
+from af2_jax.training.metrics import MetricsLogger
+
+FINAL_DIR = "final"
+CHECKPOINT_DIR = "checkpoints"
+
+
+class NonFiniteLossError(FloatingPointError):
+    pass
+
+
+@dataclasses.dataclass
+class RunResult:
+    records: list[dict]  # one per step run in this call: {'step', 'loss', 'grad_norm', 'learning_rate', ...}
+    last_step: int
+    status: str  # 'finished' | 'preempted' | 'stopped' (max_steps reached before num_steps)
+    state: Any = None  # the final TrainState (for tests and benchmarks)
+
+
+class StopFlag:
+    """Set by SIGTERM / SIGINT (or by a test); the loop checkpoints and returns at the next step boundary."""
+
+    def __init__(self):
+        self.event = threading.Event()
+        self.signal_name = ""
+
+    def set(self, signum=None, frame=None) -> None:
+        self.signal_name = signal.Signals(signum).name if signum else "request"
+        self.event.set()
+
+    def __bool__(self) -> bool:
+        return self.event.is_set()
+
+
+def _install_signal_handlers(flag: StopFlag):
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {s: signal.signal(s, flag.set) for s in (signal.SIGTERM, signal.SIGINT)}
+
+
+def _stop_everywhere(flag: StopFlag) -> bool:
+    """Every process stops at the same step if any received the signal."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils
+    return bool(np.any(multihost_utils.process_allgather(np.int32(bool(flag)))))
+
+
+def make_mesh(mesh_cfg: Any) -> jax.sharding.Mesh:
+    """The ('data', 'fsdp', 'tensor') mesh; with no -1 size and fewer devices than available, the first ones
+    (single-device runs and tests)."""
+    sizes = (mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor)
+    devices = jax.devices()
+    if -1 not in sizes and math.prod(sizes) < len(devices):
+        logging.warning("mesh %s uses %d of %d devices", sizes, math.prod(sizes), len(devices))
+        devices = devices[:math.prod(sizes)]
+    return sharding.make_mesh(*sizes, devices=devices)
+
+
+def write_run_config(cfg: Any, workdir: pathlib.Path) -> None:
+    if jax.process_index() == 0:
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / initialization.RUN_CONFIG_FILE).write_text(cfg.to_json_best_effort(indent=2) + "\n")
+
+
+def default_tokenizer(cfg: Any):
+    if cfg.tokenizer:
+        from af2_jax.tokenizer import AF2Tokenizer
+        return AF2Tokenizer.from_dir(cfg.tokenizer)
+    from af2_jax.data.synthetic import synthetic_tokenizer
+    return synthetic_tokenizer()
+
+
+def default_iterator(cfg: Any, tokenizer: Any, rows_per_process: int) -> Iterator[dict]:
+    from af2_jax.data.pipeline import make_iterator
+    return make_iterator(cfg.data, tokenizer, seed=cfg.seed, batch_size=rows_per_process,
+                         max_windows=cfg.max_windows, max_tokens=cfg.max_tokens,
+                         process_index=jax.process_index(), process_count=jax.process_count(),
+                         num_workers=cfg.num_workers)
+
+
+def train(cfg: Any, workdir: str | pathlib.Path, *, make_iterator: Callable[..., Iterator[dict]] | None = None,
+          make_model: Callable[[], Any] | None = None, max_steps: int | None = None,
+          stop: StopFlag | None = None) -> RunResult:
+    """Runs (or resumes) the stage described by `cfg` in `workdir` up to `cfg.num_steps`.
+
+    `make_iterator(cfg, tokenizer, rows_per_process)` and `make_model()` replace the data pipeline and the model
+    (benchmarks, tests). `max_steps` stops after that many steps of this call (a checkpoint is saved first).
+    """
+    workdir = pathlib.Path(workdir).absolute()
+    write_run_config(cfg, workdir)
+    mesh = make_mesh(cfg.mesh)
+    tokenizer = default_tokenizer(cfg)
+    model_config = None
+    if make_model is None:
+        model_config = initialization.model_config(cfg.model, max_windows=cfg.max_windows, tokenizer=tokenizer)
+        make_model = initialization.model_factory(model_config, cfg.seed)
+
+    patterns = tuple(cfg.trainable)
+    tx = optimizer.make_optimizer(cfg.optimizer, patterns)
+    split, state, frozen, shardings = train_state.create_train_state(
+        make_model, patterns, tx, mesh, initialization.DTYPES[cfg.frozen_param_dtype])
+    if cfg.init_from:
+        loaded = initialization.apply_params(
+            {"trainable": state["trainable"], "batch_stats": state["batch_stats"], "frozen": frozen},
+            {"trainable": shardings[0]["trainable"], "batch_stats": shardings[0]["batch_stats"],
+             "frozen": shardings[1]},
+            initialization.read_init_from(cfg.init_from), require_frozen=True)
+        state = {**state, "trainable": loaded["trainable"], "batch_stats": loaded["batch_stats"]}
+        frozen = loaded["frozen"]
+
+    rows_per_step = cfg.batch_size * cfg.grad_accum_steps
+    if rows_per_step % jax.process_count():
+        raise ValueError(f"batch_size x grad_accum_steps = {rows_per_step} rows is not divisible by "
+                         f"{jax.process_count()} processes")
+    iterator = (make_iterator or default_iterator)(cfg, tokenizer, rows_per_step // jax.process_count())
+
+    checkpointer = Checkpointer(workdir / CHECKPOINT_DIR, keep=cfg.checkpoint.keep,
+                                save_every=cfg.checkpoint.every_steps, async_save=cfg.checkpoint.async_save)
+    restored = checkpointer.restore(state, shardings[0], iterator)
+    start_step = 0
+    if restored is not None:
+        state, start_step = restored
+        logging.info("resumed from checkpoint %d in %s", start_step, checkpointer.directory)
+
+    step_fn = step_lib.jit_train_step(step_lib.make_train_step(
+        split, tx, optimizer.learning_rate_schedule(cfg.optimizer), grad_accum_steps=cfg.grad_accum_steps,
+        train_htsat=any(p.startswith("htsat") for p in patterns), deterministic=cfg.deterministic, seed=cfg.seed),
+        mesh, shardings)
+
+    stop = stop if stop is not None else StopFlag()
+    previous_handlers = _install_signal_handlers(stop)
+    logger = MetricsLogger(workdir, cfg.num_steps, log_every=cfg.log_every, enabled=jax.process_index() == 0)
+    records: list[dict] = []
+    end_step = cfg.num_steps if max_steps is None else min(cfg.num_steps, start_step + max_steps)
+    status = "finished"
+    step = start_step
+    pending: tuple[int, Any] | None = None
+
+    def finish_pending():
+        nonlocal pending
+        if pending is None:
+            return
+        done_step, device_metrics = pending
+        pending = None
+        metrics = jax.device_get(device_metrics)
+        if not (math.isfinite(float(metrics["loss"])) and math.isfinite(float(metrics["grad_norm"]))):
+            raise NonFiniteLossError(
+                f"non-finite loss {float(metrics['loss'])} / grad norm {float(metrics['grad_norm'])} at step "
+                f"{done_step}; stopping without saving. The last good checkpoint is step "
+                f"{checkpointer.latest_step()} in {checkpointer.directory}")
+        records.append(logger.write(done_step, metrics))
+
+    try:
+        while step < end_step:
+            batch = distributed.global_batch(next(iterator), mesh)
+            with jax.set_mesh(mesh):
+                state, device_metrics = step_fn(state, frozen, batch)
+            finish_pending()  # the previous step's metrics, while this one runs
+            step += 1
+            pending = (step, device_metrics)
+            check = (jax.process_count() == 1 or step % cfg.checkpoint.preemption_check_every == 0
+                     or step == end_step)
+            stopping = check and _stop_everywhere(stop)
+            if stopping or step == end_step or step % cfg.checkpoint.every_steps == 0:
+                finish_pending()  # never checkpoint a non-finite state
+                checkpointer.save(step, state, iterator, force=True)
+            if stopping:
+                status = "preempted"
+                logging.warning("%s received: checkpoint %d saved, stopping", stop.signal_name or "stop", step)
+                break
+        finish_pending()
+        if status == "finished" and step < cfg.num_steps:
+            status = "stopped"
+        checkpointer.wait()
+        if status == "finished" and cfg.export_final and model_config is not None:
+            export_final(workdir / FINAL_DIR, model_config, split.merge(state["trainable"], state["batch_stats"],
+                                                                        frozen))
+    finally:
+        checkpointer.close()
+        logger.close()
+        for signum, handler in previous_handlers.items():
+            signal.signal(signum, handler)
+        if hasattr(iterator, "close"):
+            iterator.close()
+    return RunResult(records=records, last_step=step, status=status, state=state)
+
+
+def export_final(directory: pathlib.Path, model_config: Any, model: Any) -> None:
+    """The trained model in our pretrained format (af2_jax.pretrained), loadable by inference and next stages."""
+    from af2_jax import pretrained
+    pretrained.save(directory, model_config, model, overwrite=True)
+    logging.info("exported the final model to %s", directory)

@@ -1,0 +1,96 @@
+"""Shared pieces of the stage configs: `stage_config(stage, preset)` fills every field; configs/stageN.py only pick
+the stage. Every field can be overridden on the command line (`--config.optimizer.learning_rate=3e-5`).
+
+Real presets (0.5b, 1.5b, 3b) follow the reference recipe (af2_reference.md section 6): AdamW, weight decay 0.1,
+constant learning rate after 1875 warmup steps, gradient clipping 1.0, bf16 compute with fp32 master weights,
+max_tokens 512; stage 1: 30 s, lr 1e-4, 16 x 2 per GPU; stage 2: 2 min, lr 2e-5, 4 x 2 per GPU; stage 3 (not in the
+reference repo): 5 min. Their `batch_size` is for 8 devices; scale it with the device count. The tiny preset trains
+the embedded synthetic dataset on CPU in minutes, so its hyper-parameters are its own.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+STAGE_TRAINABLE = {  # mirrors af2_jax.training.stages (kept literal so configs import nothing heavy)
+    1: ("audio_transformer/.*", "xattn/.*", "llm/embed_tokens/.*"),
+    2: ("audio_transformer/.*", "xattn/.*", "llm/embed_tokens/.*", "htsat/.*"),
+}
+STAGE_TRAINABLE[3] = STAGE_TRAINABLE[2]
+STAGE_WINDOWS = {1: 3, 2: 12, 3: 30}  # 10 s windows: 30 s, 2 min, 5 min
+STAGE_LEARNING_RATE = {1: 1e-4, 2: 2e-5, 3: 2e-5}
+STAGE_ROWS_PER_DEVICE = {1: (16, 2), 2: (4, 2), 3: (1, 2)}  # (micro-batch per device, accumulation steps)
+REAL_PRESETS = ("0.5b", "1.5b", "3b")
+PRESETS = ("tiny",) + REAL_PRESETS
+REFERENCE_DEVICES = 8
+
+# tiny: fp32 on CPU, no warmup to speak of, a large learning rate and small batches that learn the synthetic skills
+TINY = {1: dict(learning_rate=2e-3, num_steps=400, batch_size=8, grad_accum_steps=1, max_windows=1),
+        2: dict(learning_rate=1e-3, num_steps=400, batch_size=8, grad_accum_steps=1, max_windows=1),
+        3: dict(learning_rate=5e-4, num_steps=200, batch_size=4, grad_accum_steps=1, max_windows=30)}
+
+
+def stage_config(stage: int, preset: str = "tiny") -> ml_collections.ConfigDict:
+    if stage not in (1, 2, 3):
+        raise ValueError(f"stage must be 1, 2 or 3, got {stage}")
+    preset = preset or "tiny"
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {PRESETS}")
+    tiny = preset == "tiny"
+    c = ml_collections.ConfigDict()
+    c.stage = stage
+    c.preset = preset
+    c.seed = 0
+
+    c.model = ml_collections.ConfigDict(dict(
+        preset=preset,
+        compute_dtype="float32" if tiny else "bfloat16",
+        remat_policy="none" if tiny else "full",
+        scan_unroll=False,
+        vocab_from_tokenizer=tiny,  # tiny: the LLM's vocabulary is the synthetic tokenizer's
+    ))
+    c.trainable = STAGE_TRAINABLE[stage]
+    c.frozen_param_dtype = "float32" if tiny else "bfloat16"
+    c.deterministic = tiny  # real presets train with dropout / SpecAugment where the model has them
+    # '' = random (tiny); real stage 1: 'llm=<converted Qwen2.5>,htsat=<converted AF-CLAP>'; stages 2-3: the
+    # previous stage's workdir (its final/ export, or its newest checkpoint).
+    c.init_from = ""
+    c.tokenizer = ""  # '' = the synthetic dataset's tiny tokenizer; real presets: the Qwen2.5 tokenizer directory
+
+    c.data = ml_collections.ConfigDict(_default_data(stage, tiny))
+    c.max_windows = TINY[stage]["max_windows"] if tiny else STAGE_WINDOWS[stage]
+    c.max_tokens = 64 if tiny else 512
+    c.num_workers = 0 if tiny else 8
+
+    if tiny:
+        c.batch_size = TINY[stage]["batch_size"]  # global rows per micro-batch
+        c.grad_accum_steps = TINY[stage]["grad_accum_steps"]
+        c.num_steps = TINY[stage]["num_steps"]
+    else:
+        per_device, accumulation = STAGE_ROWS_PER_DEVICE[stage]
+        c.batch_size = per_device * REFERENCE_DEVICES
+        c.grad_accum_steps = accumulation
+        c.num_steps = 100_000
+
+    c.optimizer = ml_collections.ConfigDict(dict(
+        learning_rate=TINY[stage]["learning_rate"] if tiny else STAGE_LEARNING_RATE[stage],
+        warmup_steps=10 if tiny else 1875,
+        weight_decay=0.1, b1=0.9, b2=0.999, eps=1e-8,  # torch AdamW defaults, as the reference
+        clip_grad_norm=1.0,
+    ))
+    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))  # -1: all remaining devices
+    c.checkpoint = ml_collections.ConfigDict(dict(
+        every_steps=100 if tiny else 1000, keep=3, async_save=True,
+        preemption_check_every=10,  # multi-host: steps between agreeing on a received SIGTERM
+    ))
+    c.log_every = 10 if tiny else 50
+    c.export_final = True
+    return c
+
+
+def _default_data(stage: int, tiny: bool) -> dict:
+    if tiny:
+        from af2_jax.data.config import default_synthetic_config
+        return default_synthetic_config("train", stage=stage)
+    # Real data: AF2-format dataset JSONs (af2_reference.md section 6 lists the reference's blends); override with
+    # --config.data.sources='[{"kind": "manifest", "path": "...", "weight": 1.0}, ...]' or edit a copy of this file.
+    return {"sources": []}
