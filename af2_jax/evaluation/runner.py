@@ -38,6 +38,23 @@ class EvalSettings:
             raise ValueError(f"max_windows must be >= 1, got {self.max_windows}")
 
 
+class Concatenated:
+    """Several record sequences read as one, lazily (a synthetic long-audio test set would not fit in memory)."""
+
+    def __init__(self, parts: Sequence[Sequence[Mapping[str, Any]]]):
+        self.parts = list(parts)
+        self._starts = list(itertools.accumulate((len(p) for p in self.parts), initial=0))
+
+    def __len__(self) -> int:
+        return self._starts[-1]
+
+    def __getitem__(self, index: int) -> Mapping[str, Any]:
+        if not 0 <= index < len(self):
+            raise IndexError(f"record {index} out of range [0, {len(self)})")
+        part = next(k for k in range(len(self.parts)) if index < self._starts[k + 1])
+        return self.parts[part][index - self._starts[part]]
+
+
 def model_directory(checkpoint) -> pathlib.Path:
     """A pretrained-format directory (config.json + params/), or a training workdir whose final/ is one."""
     path = pathlib.Path(checkpoint)

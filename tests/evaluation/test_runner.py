@@ -68,3 +68,10 @@ def test_windows_follow_the_clip_length():
 def test_empty_test_set_is_an_error():
     with pytest.raises(ValueError, match="empty"):
         runner.evaluate(lambda w, p: [], [], runner.EvalSettings(), progress=False)
+
+
+def test_concatenated_reads_parts_in_order():
+    joined = runner.Concatenated([["a", "b"], [], ["c"]])
+    assert len(joined) == 3 and [joined[i] for i in range(3)] == ["a", "b", "c"]
+    with pytest.raises(IndexError):
+        joined[3]
