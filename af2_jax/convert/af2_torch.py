@@ -1,0 +1,143 @@
+"""Key tables between NVIDIA's AF2 PyTorch state-dict names and our audio modules (HTSAT, audio transformer).
+
+Composable builders, one per component, used in both directions by `mapping.import_tensors` / `export_tensors`:
+
+    htsat_rules(config, prefix='clap.nvclap.', ours_prefix='')              AF2 safetensors / training checkpoints
+    htsat_rules(config, prefix='')  + TorchFileSource(ckpt, select_prefix='module.audio_branch.')
+                                                                            AF-CLAP checkpoint clap_ckpt/epoch_16.pt
+    audio_transformer_rules(config, prefix='audio_transformer_clap.', ours_prefix='')
+
+`ours_prefix` mounts our side under a submodule path (e.g. 'htsat/' inside the AF2 model). The reference's
+structural buffers (Swin `relative_position_index`, shifted-window `attn_mask`, RoPE `position_enc.inv_freq`) are
+`Derived`: recomputed with the reference's dtype and op order, checked bit for bit on import, written on export.
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+from flax import nnx
+
+from af2_jax.convert.mapping import CONV2D, IDENTITY, LINEAR, Derived, Rule, Tensor, Transform, flatten, unflatten
+from af2_jax.models import rope
+from af2_jax.models.audio_transformer import AudioTransformerConfig
+from af2_jax.models.htsat import HTSATConfig, relative_position_index, shift_attention_mask
+
+# torch BatchNorm's num_batches_tracked is int64; without jax x64 we hold it as int32 (far from overflowing).
+INT_COUNTER = Transform("int64<->int32", lambda x: np.asarray(x).astype(np.int32),
+                        lambda x: np.asarray(x).astype(np.int64))
+
+
+def _batch_norm(ours: str, theirs: str) -> list[Rule]:
+    return [Tensor(f"{ours}/scale", f"{theirs}.weight"), Tensor(f"{ours}/bias", f"{theirs}.bias"),
+            Tensor(f"{ours}/mean", f"{theirs}.running_mean"), Tensor(f"{ours}/var", f"{theirs}.running_var"),
+            Tensor(f"{ours}/num_batches_tracked", f"{theirs}.num_batches_tracked", INT_COUNTER)]
+
+
+def _layer_norm(ours: str, theirs: str) -> list[Rule]:
+    return [Tensor(f"{ours}/scale", f"{theirs}.weight"), Tensor(f"{ours}/bias", f"{theirs}.bias")]
+
+
+def _dense(ours: str, theirs: str, bias: bool = True) -> list[Rule]:
+    return [Tensor(f"{ours}/kernel", f"{theirs}.weight", LINEAR)] + (
+        [Tensor(f"{ours}/bias", f"{theirs}.bias")] if bias else [])
+
+
+def _conv(ours: str, theirs: str) -> list[Rule]:
+    return [Tensor(f"{ours}/kernel", f"{theirs}.weight", CONV2D), Tensor(f"{ours}/bias", f"{theirs}.bias")]
+
+
+def htsat_structural_buffers(config: HTSATConfig, prefix: str = "clap.nvclap.") -> dict[str, np.ndarray]:
+    """The reference's recomputable HTSAT buffers under their keys: an int64 relative position index per block and
+    a float32 0/-100 mask per shifted block (odd blocks of stages whose grid exceeds the window)."""
+    out: dict[str, np.ndarray] = {}
+    for s, depth in enumerate(config.depths):
+        window, shift = config.stage_window(s), config.stage_shift(s)
+        index = relative_position_index(window)
+        mask = shift_attention_mask(config.stage_resolution(s), window, shift) if shift else None
+        for j in range(depth):
+            if j % 2 and mask is not None:
+                out[f"{prefix}layers.{s}.blocks.{j}.attn_mask"] = mask
+            out[f"{prefix}layers.{s}.blocks.{j}.attn.relative_position_index"] = index
+    return out
+
+
+def htsat_rules(config: HTSATConfig, prefix: str = "clap.nvclap.", ours_prefix: str = "") -> list[Rule]:
+    """Every key of the reference HTSAT_Swin_Transformer state dict (fusion 'aff_2d' when config.enable_fusion)."""
+    p, o = prefix, ours_prefix
+    rules: list[Rule] = []
+    rules += _batch_norm(f"{o}bn0", f"{p}bn0")
+    rules += _conv(f"{o}patch_embed/proj", f"{p}patch_embed.proj")
+    rules += _layer_norm(f"{o}patch_embed/norm", f"{p}patch_embed.norm")
+    if config.enable_fusion:
+        fm, tfm = f"{o}patch_embed/fusion_model", f"{p}patch_embed.fusion_model"
+        rules += _conv(f"{o}patch_embed/mel_conv2d", f"{p}patch_embed.mel_conv2d")
+        rules += _conv(f"{fm}/local_conv1", f"{tfm}.local_att.0") + _batch_norm(f"{fm}/local_bn1", f"{tfm}.local_att.1")
+        rules += _conv(f"{fm}/local_conv2", f"{tfm}.local_att.3") + _batch_norm(f"{fm}/local_bn2", f"{tfm}.local_att.4")
+        rules += _conv(f"{fm}/global_conv1", f"{tfm}.global_att.1") + _batch_norm(f"{fm}/global_bn1",
+                                                                                  f"{tfm}.global_att.2")
+        rules += _conv(f"{fm}/global_conv2", f"{tfm}.global_att.4") + _batch_norm(f"{fm}/global_bn2",
+                                                                                  f"{tfm}.global_att.5")
+    # {s} is in both names; {j} only in theirs, so it indexes the stacked 'layers' axis of our stage's blocks
+    ob, tb = f"{o}stages/{{s}}/blocks", f"{p}layers.{{s}}.blocks.{{j}}"
+    rules += _layer_norm(f"{ob}/norm1", f"{tb}.norm1") + _layer_norm(f"{ob}/norm2", f"{tb}.norm2")
+    rules += _dense(f"{ob}/attn/qkv", f"{tb}.attn.qkv", bias=config.qkv_bias) + _dense(f"{ob}/attn/proj",
+                                                                                       f"{tb}.attn.proj")
+    rules.append(Tensor(f"{ob}/attn/relative_position_bias_table", f"{tb}.attn.relative_position_bias_table"))
+    rules += _dense(f"{ob}/fc1", f"{tb}.mlp.fc1") + _dense(f"{ob}/fc2", f"{tb}.mlp.fc2")
+    od, td = f"{o}stages/{{s}}/downsample", f"{p}layers.{{s}}.downsample"
+    rules += _layer_norm(f"{od}/norm", f"{td}.norm") + _dense(f"{od}/reduction", f"{td}.reduction", bias=False)
+    rules += _layer_norm(f"{o}norm", f"{p}norm")
+    # unused by AF2, kept for exact round trips
+    rules += _conv(f"{o}tscam_conv", f"{p}tscam_conv") + _dense(f"{o}head", f"{p}head")
+    rules += [Tensor(f"{o}stft_real", f"{p}spectrogram_extractor.stft.conv_real.weight", IDENTITY),
+              Tensor(f"{o}stft_imag", f"{p}spectrogram_extractor.stft.conv_imag.weight", IDENTITY),
+              Tensor(f"{o}mel_filterbank", f"{p}logmel_extractor.melW", IDENTITY)]
+    rules.append(Derived(lambda: htsat_structural_buffers(config, p)))
+    return rules
+
+
+def audio_transformer_inv_freq(config: AudioTransformerConfig) -> np.ndarray:
+    """RotaryEmbedding's buffer: 1 / (base ** (arange(0, dim, 2).float() / dim)), all in float32 as torch does."""
+    return rope.inv_freq(config.rotary_dim, config.rope_base)
+
+
+def audio_transformer_rules(config: AudioTransformerConfig, prefix: str = "audio_transformer_clap.",
+                            ours_prefix: str = "") -> list[Rule]:
+    """Every key of the reference TransformerEncoder (RoPE variant) state dict."""
+    p, o = prefix, ours_prefix
+    ol, tl = f"{o}layers", f"{p}layer_stack.{{i}}"
+    rules: list[Rule] = _layer_norm(f"{o}input_norm", f"{p}layer_norm")
+    rules += [Tensor(f"{ol}/attention/query/kernel", f"{tl}.slf_attn.w_qs.weight", LINEAR),
+              Tensor(f"{ol}/attention/key/kernel", f"{tl}.slf_attn.w_ks.weight", LINEAR),
+              Tensor(f"{ol}/attention/value/kernel", f"{tl}.slf_attn.w_vs.weight", LINEAR),
+              Tensor(f"{ol}/attention/out/kernel", f"{tl}.slf_attn.fc.weight", LINEAR)]
+    rules += _layer_norm(f"{ol}/attention_norm", f"{tl}.slf_attn.layer_norm")
+    rules += _dense(f"{ol}/ffn/w1", f"{tl}.pos_ffn.w_1") + _dense(f"{ol}/ffn/w2", f"{tl}.pos_ffn.w_2")
+    rules += _layer_norm(f"{ol}/ffn_norm", f"{tl}.pos_ffn.layer_norm")
+    rules.append(Derived(lambda: {f"{p}position_enc.inv_freq": audio_transformer_inv_freq(config)}))
+    return rules
+
+
+# -- our side: shapes to fill, and filling a module -------------------------------------------------------------
+
+def module_targets(module: nnx.Module) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Flat path -> (shape, dtype) of every variable of `module` (concrete, or abstract from `nnx.eval_shape`)."""
+    return {path: (tuple(v.shape), np.dtype(v.dtype))
+            for path, v in flatten(nnx.state(module).to_pure_dict()).items()}
+
+
+def load_flat(module: nnx.Module, arrays: Mapping[str, np.ndarray]) -> None:
+    """Writes a flat {path: array} dict (e.g. from `import_tensors`) into `module` in place; every path must exist."""
+    state = nnx.state(module)
+    known = set(flatten(state.to_pure_dict()))
+    unknown = sorted(set(arrays) - known)
+    if unknown:
+        raise KeyError(f"paths not in the module: {unknown}")
+    nnx.replace_by_pure_dict(state, unflatten(arrays))
+    nnx.update(module, state)
+
+
+def module_arrays(module: nnx.Module) -> dict[str, np.ndarray]:
+    """Flat path -> numpy array of every variable of `module` (what `export_tensors` takes)."""
+    return {path: np.asarray(v) for path, v in flatten(nnx.state(module).to_pure_dict()).items()}

@@ -1,0 +1,161 @@
+"""HTSAT against the golden fixture (NVIDIA's PyTorch HTSAT in fp32), plus shapes, jit and training-mode behaviour."""
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+from af2_jax.convert import af2_torch
+from af2_jax.convert.mapping import flatten, import_tensors, unflatten
+from af2_jax.convert.tensor_files import SafetensorsSource
+from af2_jax.models.htsat import HTSAT, BatchNorm, htsat_preset
+from af2_jax.models.variables import Buffer
+
+TOL = dict(atol=1e-4, rtol=1e-4)  # fixture README: HTSAT stages and htsat_out
+
+
+class PrefixSource:
+    """The fixture's state dict restricted to one component's keys."""
+
+    def __init__(self, source, prefix):
+        self.source, self.prefix = source, prefix
+
+    def keys(self):
+        return [k for k in self.source.keys() if k.startswith(self.prefix)]
+
+    def get(self, key):
+        return self.source.get(key)
+
+
+def load_reference_htsat(fixture_dir) -> HTSAT:
+    """Our HTSAT holding the fixture's weights, read through the conversion table (built abstractly: no random init)."""
+    config = htsat_preset("tiny")
+    abstract = nnx.eval_shape(lambda: HTSAT(config, rngs=nnx.Rngs(0)))
+    source = PrefixSource(SafetensorsSource([fixture_dir / "state_dict.safetensors"]), "clap.nvclap.")
+    arrays = import_tensors(af2_torch.htsat_rules(config), source, af2_torch.module_targets(abstract))
+    graphdef, state = nnx.split(abstract)
+    nnx.replace_by_pure_dict(state, unflatten({k: jnp.asarray(v) for k, v in arrays.items()}))
+    return nnx.merge(graphdef, state)
+
+
+@pytest.fixture(scope="module")
+def reference_htsat(fixture_dir):
+    return load_reference_htsat(fixture_dir)
+
+
+def _run(model, *, train):
+    """jit(state, mel, key) -> (output, intermediates, new state); rngs are always passed (eval must ignore them)."""
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def run(state, mel, key):
+        m = nnx.merge(graphdef, state)
+        y = m(mel, train=train, rngs=nnx.Rngs(dropout=key))
+        inter = {}
+        if not train:
+            b, w = mel.shape[:2]
+            inter["htsat_image"] = image = m.to_image(mel)
+            h = m.patch_embed(image).reshape(b * w, -1, m.config.embed_dim)
+            for s, stage in enumerate(m.stages):
+                inter[f"htsat_stage{s}"] = h = stage(h)
+            inter["htsat_final_norm"] = m.norm(h)
+        return y, inter, nnx.state(m)
+
+    return run, state
+
+
+@pytest.fixture(scope="module")
+def eval_results(reference_htsat, fixture_outputs):
+    run, state = _run(reference_htsat, train=False)
+    return run(state, jnp.asarray(fixture_outputs["mel"]), jax.random.key(1)), state
+
+
+def test_matches_fixture_stage_by_stage(eval_results, fixture_outputs):
+    (y, inter, _), _ = eval_results
+    out = fixture_outputs
+    np.testing.assert_allclose(np.asarray(inter["htsat_image"]), out["htsat_image"], atol=1e-4)
+    for name in [f"htsat_stage{s}" for s in range(4)] + ["htsat_final_norm"]:
+        expected = out[name]
+        np.testing.assert_allclose(np.asarray(inter[name]).reshape(expected.shape), expected, **TOL, err_msg=name)
+    np.testing.assert_allclose(np.asarray(y), out["htsat_out"], **TOL)
+
+
+@pytest.mark.parametrize("windows", [1, 3, 30])
+def test_shapes(reference_htsat, windows):
+    config = reference_htsat.config
+    graphdef, state = nnx.split(reference_htsat)
+    for mel_shape, out_shape in [((windows, 1001, 64), (windows, 64, config.num_features)),
+                                 ((2, windows, 1001, 64), (2, windows, 64, config.num_features))]:
+        mel = jax.ShapeDtypeStruct(mel_shape, jnp.float32)
+        for train in (False, True):
+            y = jax.eval_shape(lambda st, m: nnx.merge(graphdef, st)(m, train=train, rngs=nnx.Rngs(0)), state, mel)
+            chex.assert_shape(y, out_shape)
+            assert y.dtype == jnp.float32
+
+
+@pytest.mark.slow
+def test_training_mode_semantics(reference_htsat, eval_results, fixture_outputs):
+    mel = jnp.asarray(fixture_outputs["mel"])
+    (y_eval, _, state_eval), state = eval_results
+    # eval ignored the rngs it was given and left every statistic as it was
+    chex.assert_trees_all_equal(nnx.state(state_eval, nnx.BatchStat), nnx.state(state, nnx.BatchStat))
+    chex.assert_trees_all_equal(nnx.state(state_eval, Buffer), nnx.state(state, Buffer))
+
+    train_run, _ = _run(reference_htsat, train=True)
+    y1, _, state1 = train_run(state, mel, jax.random.key(1))
+    y2, _, _ = train_run(state, mel, jax.random.key(1))
+    y3, _, _ = train_run(state, mel, jax.random.key(2))
+    chex.assert_trees_all_equal(y1, y2)  # deterministic given rngs
+    chex.assert_tree_all_finite(y1)
+    assert np.abs(np.asarray(y1) - np.asarray(y3)).max() > 1e-3
+    assert np.abs(np.asarray(y1) - np.asarray(y_eval)).max() > 1e-3
+
+    # running statistics move in training (bn0 and the fusion BatchNorms), once per reference call (= per example)
+    before, after = flatten(state.to_pure_dict()), flatten(state1.to_pure_dict())
+    for bn in ("bn0", "patch_embed/fusion_model/local_bn1", "patch_embed/fusion_model/global_bn2"):
+        assert not np.allclose(before[f"{bn}/mean"], after[f"{bn}/mean"]), bn
+        assert not np.allclose(before[f"{bn}/var"], after[f"{bn}/var"]), bn
+        assert int(after[f"{bn}/num_batches_tracked"]) == int(before[f"{bn}/num_batches_tracked"]) + mel.shape[0]
+    # a forward pass never touches the parameters
+    chex.assert_trees_all_equal(nnx.state(state1, nnx.Param), nnx.state(state, nnx.Param))
+    with pytest.raises(ValueError, match="rngs"):
+        reference_htsat(mel, train=True)
+
+
+def test_batch_norm_matches_torch_training_and_eval():
+    """Our torch-semantics BatchNorm against torch.nn.BatchNorm1d: batch statistics, running-stat update
+    (momentum 0.1, unbiased variance), sequential updates for two calls, and eval mode."""
+    rng = np.random.default_rng(0)
+    calls = [rng.standard_normal((3, 17, 5)).astype(np.float32) * 4 + 2 for _ in range(2)]
+    ours = BatchNorm(5, eps=1e-5, momentum=0.1, param_dtype=jnp.float32)
+    ours.scale.value = jnp.asarray(rng.standard_normal(5).astype(np.float32))
+    ours.bias.value = jnp.asarray(rng.standard_normal(5).astype(np.float32))
+    theirs = torch.nn.BatchNorm1d(5)
+    with torch.no_grad():
+        theirs.weight.copy_(torch.tensor(np.asarray(ours.scale[...])))
+        theirs.bias.copy_(torch.tensor(np.asarray(ours.bias[...])))
+    theirs.train()
+    expected = [theirs(torch.from_numpy(c).reshape(-1, 5)).detach().numpy().reshape(c.shape) for c in calls]
+    got = ours(jnp.asarray(np.stack(calls)), train=True, call_axis=0)
+    np.testing.assert_allclose(np.asarray(got), np.stack(expected), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(ours.mean[...]), theirs.running_mean.numpy(), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(ours.var[...]), theirs.running_var.numpy(), rtol=1e-6)
+    assert int(ours.num_batches_tracked[...]) == int(theirs.num_batches_tracked)
+    theirs.eval()
+    x = rng.standard_normal((4, 5)).astype(np.float32)
+    np.testing.assert_allclose(np.asarray(ours(jnp.asarray(x), train=False)),
+                               theirs(torch.from_numpy(x)).detach().numpy(), atol=1e-5)
+
+
+def test_bad_input_is_rejected(reference_htsat):
+    model = reference_htsat
+    with pytest.raises(ValueError, match="bins"):
+        model(jnp.zeros((1, 1001, 32)))
+    with pytest.raises(ValueError, match="frames"):
+        model(jnp.zeros((1, 1100, 64)))
+    with pytest.raises(ValueError, match="unknown HTSAT preset"):
+        htsat_preset("huge")
+    with pytest.raises(ValueError, match="even"):
+        htsat_preset("tiny", depths=(2, 2, 3, 2))
