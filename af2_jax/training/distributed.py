@@ -35,8 +35,22 @@ def initialize(coordinator_address: str = "", num_processes: int = 0, process_id
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Leading (batch) dimension over ('data', 'fsdp'); the other dimensions replicated."""
-    return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+    """Micro-batched arrays (micro-batch, rows, ...): rows over ('data', 'fsdp'); the other dimensions replicated."""
+    return NamedSharding(mesh, PartitionSpec(None, BATCH_AXES))
+
+
+def split_micro_batches(batch: Mapping[str, np.ndarray], num_micro: int) -> dict[str, np.ndarray]:
+    """(R, ...) -> (num_micro, R // num_micro, ...) on the host; micro-batch m = rows m, m + num_micro, ...
+
+    Done here rather than inside the step so that no sharded dimension is reshaped on device; strided so that the
+    global micro-batches are the same whatever the number of processes (each host's R is a multiple of num_micro).
+    """
+    out = {}
+    for k, x in batch.items():
+        if x.shape[0] % num_micro:
+            raise ValueError(f"{k}: {x.shape[0]} rows are not divisible into {num_micro} micro-batches")
+        out[k] = np.swapaxes(x.reshape(x.shape[0] // num_micro, num_micro, *x.shape[1:]), 0, 1)
+    return out
 
 
 def common_window_count(batch: Mapping[str, np.ndarray]) -> int:
@@ -58,8 +72,11 @@ def pad_windows(batch: Mapping[str, np.ndarray], windows: int) -> dict[str, np.n
     return batch
 
 
-def global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-    """This host's rows -> global arrays (rows of all hosts concatenated in process order)."""
+def global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh, grad_accum_steps: int = 1
+                 ) -> dict[str, jax.Array]:
+    """This host's rows -> global (micro-batch, rows, ...) arrays (rows of all hosts concatenated in process
+    order)."""
     local_batch = pad_windows(local_batch, common_window_count(local_batch))
+    local_batch = split_micro_batches(local_batch, grad_accum_steps)
     sharding = batch_sharding(mesh)
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local_batch.items()}

@@ -148,7 +148,7 @@ def train(cfg: Any, workdir: str | pathlib.Path, *, make_iterator: Callable[...,
         logging.info("resumed from checkpoint %d in %s", start_step, checkpointer.directory)
 
     step_fn = step_lib.jit_train_step(step_lib.make_train_step(
-        split, tx, optimizer.learning_rate_schedule(cfg.optimizer), grad_accum_steps=cfg.grad_accum_steps,
+        split, tx, optimizer.learning_rate_schedule(cfg.optimizer),
         train_htsat=any(p.startswith("htsat") for p in patterns), deterministic=cfg.deterministic, seed=cfg.seed),
         mesh, shardings)
 
@@ -177,7 +177,7 @@ def train(cfg: Any, workdir: str | pathlib.Path, *, make_iterator: Callable[...,
 
     try:
         while step < end_step:
-            batch = distributed.global_batch(next(iterator), mesh)
+            batch = distributed.global_batch(next(iterator), mesh, cfg.grad_accum_steps)
             with jax.set_mesh(mesh):
                 state, device_metrics = step_fn(state, frozen, batch)
             finish_pending()  # the previous step's metrics, while this one runs

@@ -21,22 +21,8 @@ from af2_jax.training.train_state import ModelSplit, TrainState
 BATCH_KEYS = ("audio", "audio_mask", "input_ids", "attention_mask", "loss_mask")
 
 
-def split_micro_batches(batch: dict[str, jax.Array], num_micro: int) -> dict[str, jax.Array]:
-    """(B, ...) -> (num_micro, B // num_micro, ...), micro-batch m = rows m, m + num_micro, m + 2 num_micro, ...
-
-    Strided rather than contiguous so that every device keeps a share of every micro-batch (the batch dimension is
-    sharded in contiguous blocks), and the result is the same on any mesh.
-    """
-    def one(x):
-        if x.shape[0] % num_micro:
-            raise ValueError(f"batch of {x.shape[0]} rows is not divisible into {num_micro} micro-batches")
-        x = x.reshape(x.shape[0] // num_micro, num_micro, *x.shape[1:])
-        return jnp.swapaxes(x, 0, 1)
-    return {k: one(v) for k, v in batch.items()}
-
-
 def make_train_step(split: ModelSplit, tx: optax.GradientTransformation, schedule: optax.Schedule, *,
-                    grad_accum_steps: int = 1, train_htsat: bool = False, deterministic: bool = True,
+                    train_htsat: bool = False, deterministic: bool = True,
                     seed: int = 0) -> Callable:
     """Pure `step(state, frozen, batch) -> (state, metrics)`; jit it with `jit_train_step`."""
 
@@ -55,7 +41,7 @@ def make_train_step(split: ModelSplit, tx: optax.GradientTransformation, schedul
     def step(state: TrainState, frozen: nnx.State, batch: dict[str, jax.Array]):
         trainable = state["trainable"]
         step_rng = jax.random.fold_in(jax.random.key(seed), state["step"])
-        micro_batches = split_micro_batches({k: batch[k] for k in BATCH_KEYS}, grad_accum_steps)
+        micro_batches = {k: batch[k] for k in BATCH_KEYS}  # (grad_accum_steps, rows, ...) each
 
         def micro_step(carry, inputs):
             grad_sum, loss_sum, count, batch_stats = carry
@@ -67,8 +53,9 @@ def make_train_step(split: ModelSplit, tx: optax.GradientTransformation, schedul
 
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), trainable)
         carry = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), state["batch_stats"])
+        num_micro = micro_batches["input_ids"].shape[0]
         (grad_sum, loss_sum, count, batch_stats), _ = jax.lax.scan(
-            micro_step, carry, (jnp.arange(grad_accum_steps), micro_batches))
+            micro_step, carry, (jnp.arange(num_micro), micro_batches))
 
         denominator = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g, p: (g / denominator).astype(p.dtype), grad_sum, trainable)
