@@ -159,3 +159,96 @@ def test_bad_input_is_rejected(reference_htsat):
         htsat_preset("huge")
     with pytest.raises(ValueError, match="even"):
         htsat_preset("tiny", depths=(2, 2, 3, 2))
+
+
+def test_every_variable_has_valid_logical_axes():
+    """Every parameter/statistic of HTSAT-large and the large audio transformer maps onto a mesh through the one
+    rules table (unknown names or rank mismatches raise); the big matrices are actually sharded."""
+    from af2_jax import sharding
+    from af2_jax.models.audio_transformer import AudioTransformer, audio_transformer_preset
+
+    mesh = sharding.make_mesh(data=1, fsdp=4, tensor=2)
+    for make in (lambda: HTSAT(htsat_preset("large"), rngs=nnx.Rngs(0)),
+                 lambda: AudioTransformer(audio_transformer_preset("large"), rngs=nnx.Rngs(0))):
+        state = nnx.state(nnx.eval_shape(make))
+        specs = flatten(jax.tree.map(lambda s: s.spec, sharding.state_shardings(state, mesh)).to_pure_dict())
+        assert specs, "no variables"
+        big = [p for p, spec in specs.items() if any(axis is not None for axis in spec)]
+        assert big, "nothing is sharded"
+    assert specs["layers/attention/query/kernel"] == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
+
+
+def test_training_fusion_branch_matches_torch(reference_htsat):
+    """The training-mode 'longer' window path (mel_conv2d over 3 local copies + AFF with batch-statistics BatchNorms
+    on the duplicated window, then LayerNorm) against the same computation in torch.nn layers with the fixture's
+    weights; also the BatchNorm running-statistic updates of two consecutive reference calls."""
+    graphdef, state = nnx.split(reference_htsat.patch_embed)
+    ours = nnx.merge(graphdef, state)  # a private copy: its statistics update without touching the shared model
+    flat = {k: np.array(v) for k, v in flatten(nnx.state(ours).to_pure_dict()).items()}
+    e = flat["proj/bias"].shape[0]
+
+    def conv(name, stride=None):
+        kernel = flat[f"{name}/kernel"]
+        m = torch.nn.Conv2d(kernel.shape[2], kernel.shape[3], kernel.shape[:2], stride=stride or kernel.shape[:2])
+        with torch.no_grad():
+            m.weight.copy_(torch.tensor(kernel.transpose(3, 2, 0, 1)))
+            m.bias.copy_(torch.tensor(flat[f"{name}/bias"]))
+        return m
+
+    def bn(name):
+        m = torch.nn.BatchNorm2d(flat[f"{name}/scale"].shape[0])
+        with torch.no_grad():
+            for ours_name, theirs in (("scale", m.weight), ("bias", m.bias), ("mean", m.running_mean),
+                                      ("var", m.running_var)):
+                theirs.copy_(torch.tensor(flat[f"{name}/{ours_name}"]))
+        return m
+
+    fm = "fusion_model"
+    local_att = torch.nn.Sequential(conv(f"{fm}/local_conv1"), bn(f"{fm}/local_bn1"), torch.nn.ReLU(),
+                                    conv(f"{fm}/local_conv2"), bn(f"{fm}/local_bn2")).train()
+    global_att = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), conv(f"{fm}/global_conv1"), bn(f"{fm}/global_bn1"),
+                                     torch.nn.ReLU(), conv(f"{fm}/global_conv2"), bn(f"{fm}/global_bn2")).train()
+    proj, mel_conv = conv("proj"), conv("mel_conv2d")
+
+    def torch_longer_window(image):  # image (256, 256) -> normalised tokens (4096, E)
+        with torch.no_grad():
+            x = torch.tensor(image)[None, None]
+            glob = proj(x)  # (1, E, 64, 64)
+            local = mel_conv(x.repeat(3, 1, 1, 1))  # the 3 local copies, (3, E, 64, 21)
+            local = local[None].permute(0, 2, 3, 1, 4).flatten(3)  # (1, E, 64, 63)
+            local = torch.cat([local, torch.zeros(1, e, 64, 64 - local.shape[-1])], dim=-1)
+            xa = torch.cat([glob + local] * 2)  # the reference duplicates a batch of one
+            w = torch.sigmoid(local_att(xa) + global_att(xa))
+            fused = (2 * glob * w + 2 * local * (1 - w))[0]
+            tokens = fused.flatten(1).T
+            return torch.nn.functional.layer_norm(tokens, (e,), torch.tensor(flat["norm/scale"]),
+                                                  torch.tensor(flat["norm/bias"]), 1e-5).numpy()
+
+    rng = np.random.default_rng(0)
+    images = rng.standard_normal((2, 2, 256, 256)).astype(np.float32)  # 2 calls x 2 windows
+    fuse = np.array([1, 0])
+    got = np.asarray(ours(jnp.asarray(images), fuse_index=jnp.asarray(fuse)))
+    for call in range(2):
+        expected = torch_longer_window(images[call, fuse[call]])
+        np.testing.assert_allclose(got[call, fuse[call]], expected, atol=2e-5, rtol=1e-4)
+    unfused = np.asarray(nnx.merge(graphdef, state)(jnp.asarray(images)))
+    np.testing.assert_array_equal(got[0, 0], unfused[0, 0])  # the other windows skip the fusion branch
+    after = {k: np.array(v) for k, v in flatten(nnx.state(ours).to_pure_dict()).items()}
+    for name, module in (("local_bn1", local_att[1]), ("global_bn2", global_att[5])):
+        np.testing.assert_allclose(after[f"{fm}/{name}/mean"], module.running_mean.numpy(), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(after[f"{fm}/{name}/var"], module.running_var.numpy(), rtol=1e-5, atol=1e-6)
+        assert int(after[f"{fm}/{name}/num_batches_tracked"]) == int(module.num_batches_tracked)
+
+
+def test_spec_augment_zeroes_bounded_stripes():
+    from af2_jax.models.htsat import spec_augment
+
+    x = jnp.ones((64, 1001, 64))
+    y = np.asarray(spec_augment(x, jax.random.key(0), (64, 2), (8, 2)))
+    zero_frames = (y == 0).all(axis=2)  # fully dropped frames, per sample
+    zero_bins = (y == 0).all(axis=1)
+    assert np.array_equal(y == 0, zero_frames[:, :, None] | zero_bins[:, None, :])  # only whole stripes
+    assert zero_frames.sum(1).max() <= 2 * 63 and zero_bins.sum(1).max() <= 2 * 7
+    assert zero_frames.any() and zero_bins.any()
+    per_sample = zero_frames.sum(1)
+    assert len(set(per_sample.tolist())) > 1  # drawn per sample
