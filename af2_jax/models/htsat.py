@@ -69,7 +69,8 @@ class HTSATConfig:
     spec_augment_time: tuple[int, int] = (64, 2)  # (drop width, stripes) along frames
     spec_augment_freq: tuple[int, int] = (8, 2)  # (drop width, stripes) along mel bins
     remat_policy: str = "none"  # see af2_jax.models.scan.REMAT_POLICIES
-    scan_blocks: bool = True  # run each stage as a scan over (unshifted, shifted) block pairs
+    scan_blocks: bool = True  # scan each stage over (unshifted, shifted) block pairs: compiles ~1.5x faster than
+    #                           unrolled (docs/PERFORMANCE.md)
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
