@@ -76,6 +76,7 @@ def _until_eos(row, eos_id):
     return row[:row.index(eos_id) + 1] if eos_id in row else row
 
 
+@pytest.mark.slow
 def test_batch_gives_each_sample_what_it_gets_alone(model, batch):
     config = model.config
     windows, prompts, audio, audio_mask, ids, mask = batch
