@@ -119,7 +119,8 @@ class Request:
 
 def check_tokenizer(config, tokenizer: AF2Tokenizer) -> None:
     """Raises ValueError when the tokenizer's special ids are not the ones the model was trained with."""
-    pairs = {"audio": (tokenizer.audio_id, config.audio_token_id), "endofchunk": (tokenizer.eoc_id, config.eoc_token_id),
+    pairs = {"audio": (tokenizer.audio_id, config.audio_token_id),
+             "endofchunk": (tokenizer.eoc_id, config.eoc_token_id),
              "pad": (tokenizer.pad_id, config.pad_token_id), "sep": (tokenizer.sep_id, config.sep_token_id),
              "eos": (tokenizer.eos_id, config.eos_token_id)}
     wrong = [f"{name}: tokenizer {got}, model {want}" for name, (got, want) in pairs.items() if got != want]

@@ -1,6 +1,6 @@
 """AF2's gated cross-attention block (XATTN-Dense), placed before every LLM decoder layer.
 
-    h <- h + tanh(attn_gate) * XAttn(h, audio)        XAttn = LN(h) -> q;  audio -> [k | v];  softmax(q k^T / 8) v -> out
+    h <- h + tanh(attn_gate) * XAttn(h, audio)    XAttn = LN(h) -> q; audio -> [k | v]; softmax(q k^T / 8) v -> out
     h <- h + tanh(ff_gate)   * FF(h)                  FF = LN -> Linear(4 dim) -> GELU(erf) -> Linear(dim)
 
 Every text token attends to every valid audio token of its own sample (no causal or media-location mask), as in
@@ -62,10 +62,12 @@ class GatedCrossAttentionBlock(nnx.Module):
         ones, zeros = nnx.initializers.ones, nnx.initializers.zeros
         self.attn_norm_scale = _param(ones, None, (c.dim,), c.param_dtype, ("norm",))
         self.attn_norm_bias = _param(zeros, None, (c.dim,), c.param_dtype, ("norm",))
-        self.to_q = nnx.Param(dense(rngs.params(), (c.dim, c.inner_dim), c.param_dtype), out_sharding=("embed", "heads"))
+        self.to_q = nnx.Param(dense(rngs.params(), (c.dim, c.inner_dim), c.param_dtype),
+                              out_sharding=("embed", "heads"))
         self.to_kv = nnx.Param(dense(rngs.params(), (c.dim_audio, 2, c.inner_dim), c.param_dtype),
                                out_sharding=("audio_embed", None, "heads"))
-        self.to_out = nnx.Param(dense(rngs.params(), (c.inner_dim, c.dim), c.param_dtype), out_sharding=("heads", "embed"))
+        self.to_out = nnx.Param(dense(rngs.params(), (c.inner_dim, c.dim), c.param_dtype),
+                                out_sharding=("heads", "embed"))
         self.ff_norm_scale = _param(ones, None, (c.dim,), c.param_dtype, ("norm",))
         self.ff_norm_bias = _param(zeros, None, (c.dim,), c.param_dtype, ("norm",))
         hidden = c.ff_mult * c.dim

@@ -113,3 +113,26 @@ def test_unrolled_and_rematerialised_decoders_agree(reference_model, fixture_out
         logits, _ = other.text_logits(media_mask, ids, mask, media=media)
         np.testing.assert_allclose(logits, base, atol=1e-5, rtol=1e-5)
         np.testing.assert_allclose(logits, out["logits"], atol=5e-4, rtol=1e-4)
+
+
+def _count(module, *kinds):
+    state = nnx.state(module, *kinds) if kinds else nnx.state(module)
+    return sum(int(np.prod(v.shape)) for v in flatten(state.to_pure_dict()).values())
+
+
+def test_real_presets_have_the_reference_parameter_counts():
+    """af2_reference.md section 8 (counted by instantiating NVIDIA's code, vocabulary 151669)."""
+    from af2_jax.models.variables import Buffer
+
+    big = nnx.eval_shape(lambda: AF2Model(af2_preset("3b"), rngs=nnx.Rngs(0)))
+    assert _count(big.xattn, nnx.Param) == 1_359_249_480
+    assert _count(big.llm, nnx.Param) == 3_085_391_872
+    assert _count(big.audio_transformer, nnx.Param) == 75_538_432
+    # torch counts HTSAT's unused STFT/mel bases and classifier heads as parameters; we keep them as Buffers (and
+    # BatchNorm's num_batches_tracked, a torch buffer, as well)
+    buffers = flatten(nnx.state(big.htsat, Buffer).to_pure_dict())
+    torch_parameters = sum(int(np.prod(v.shape)) for k, v in buffers.items() if not k.endswith("num_batches_tracked"))
+    assert _count(big.htsat, nnx.Param) + torch_parameters == 278_770_007
+    small = nnx.eval_shape(lambda: AF2Model(af2_preset("0.5b"), rngs=nnx.Rngs(0)))
+    assert round(_count(small.xattn, nnx.Param) / 1e5) == 2266  # 226.6M
+    assert small.config.llm.vocab_size == 151669 and small.config.eos_token_id == 151643
