@@ -306,6 +306,19 @@ def export_state_dict(config, params: Mapping[str, Any]):
     return export_tensors(af2_rules(config), {k: np.asarray(v) for k, v in params.items()})
 
 
+def write_clap_checkpoint(config, params: Mapping[str, Any], path: str | Path) -> int:
+    """The HTSAT weights as an AF-CLAP-style torch file {'state_dict': {'module.audio_branch.<key>': tensor}}, which
+    the reference's CLAP loader reads before safe_ckpt (tensors only: loadable with weights_only=True). Returns the
+    number of tensors written."""
+    import torch
+
+    state = {CLAP_CKPT_PREFIX + key[len(CLAP_PREFIX):]: torch.from_numpy(np.array(value, order="C"))
+             for key, value in export_state_dict(config, params) if key.startswith(CLAP_PREFIX)}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": state}, str(path))
+    return len(state)
+
+
 def export_release(config, params: Mapping[str, Any], dst: str | Path, *, max_chunk_bytes: int = CHUNK_BYTES,
                    progress: bool = True) -> list[Path]:
     """Writes dst/safe_ckpt/model_chunk_{n}.safetensors and metadata.json {chunk name: [keys]}."""
@@ -376,6 +389,9 @@ def _add_from_torch_flags(parser: argparse.ArgumentParser) -> None:
 
 def _add_to_torch_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-chunk-bytes", type=int, default=CHUNK_BYTES, help="largest safetensors chunk (bytes)")
+    parser.add_argument("--with-clap-ckpt", action="store_true",
+                        help="also write clap_ckpt/epoch_16.pt (the HTSAT weights as module.audio_branch.*), which "
+                             "the reference's loader opens before safe_ckpt")
 
 
 def _af2_from_torch(args: argparse.Namespace) -> None:
@@ -403,6 +419,9 @@ def _af2_to_torch(args: argparse.Namespace) -> None:
         raise ValueError(f"{args.src}: holds a {type(config).__name__}, not an AF2 model")
     files = export_release(config, params, args.dst, max_chunk_bytes=args.max_chunk_bytes, progress=args.progress)
     print(f"wrote {len(files)} chunk(s) and safe_ckpt/{METADATA_FILE}")
+    if args.with_clap_ckpt:
+        count = write_clap_checkpoint(config, params, Path(args.dst) / "clap_ckpt" / "epoch_16.pt")
+        print(f"wrote clap_ckpt/epoch_16.pt ({count} audio-branch tensors)")
 
 
 commands.register_command("af2-from-torch", _af2_from_torch, add_arguments=_add_from_torch_flags,

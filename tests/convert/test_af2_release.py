@@ -136,10 +136,19 @@ def test_cli_both_ways_with_tokenizer(tmp_path, reference):
     assert (ours / "tokenizer" / "tokenizer.json").is_file()
     config = json.loads((ours / "config.json").read_text())
     assert config["model"] == "af2" and config["config"]["eos_token_id"] == tokenizer.eos_id
-    done = subprocess.run(run + ["af2-to-torch", str(ours), str(tmp_path / "back"), "--no-progress"],
-                          capture_output=True, text=True, cwd=tmp_path)
+    done = subprocess.run(run + ["af2-to-torch", str(ours), str(tmp_path / "back"), "--no-progress",
+                                 "--with-clap-ckpt"], capture_output=True, text=True, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     _assert_matches_reference(_read_export(tmp_path / "back"), rows, values)
+    # the optional AF-CLAP-style file: exactly the reference's clap.nvclap.* tensors under module.audio_branch.*
+    clap = torch.load(tmp_path / "back" / "clap_ckpt" / "epoch_16.pt", weights_only=True)["state_dict"]
+    expected = {k for k in values if k.startswith("clap.nvclap.")}
+    assert {"clap.nvclap." + k[len("module.audio_branch."):] for k in clap} == expected
+    for key in clap:
+        np.testing.assert_array_equal(clap[key].numpy(), values["clap.nvclap." + key[len("module.audio_branch."):]])
+    # and a release made of it reads back (its audio branch overridden by safe_ckpt, as the reference does)
+    _, _, report = import_release(tmp_path / "back", progress=False)
+    assert report["clap_keys_overridden_by_safe_ckpt"] == len(expected)
     failed = subprocess.run(run + ["af2-from-torch", str(tmp_path / "nowhere"), str(tmp_path / "x")],
                             capture_output=True, text=True, cwd=tmp_path)
     assert failed.returncode != 0 and "nowhere" in failed.stderr

@@ -73,6 +73,7 @@ def test_every_lm_stage_matches_reference(reference_model, fixture_inputs, fixtu
     np.testing.assert_allclose(final, out["lm_final_norm"], atol=2e-4, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_fresh_model_is_the_plain_llm():
     """Gates start at 0: whatever the audio, logits equal transformers' Qwen2ForCausalLM with the same weights."""
     # a shallower HTSAT only to build faster: the claim is about the LM path, which the audio cannot reach
