@@ -21,6 +21,7 @@ from flax import nnx
 
 from af2_jax import sharding
 from af2_jax.models import rope
+from af2_jax.models.layers import Dense, LayerNorm, dropout
 from af2_jax.models import scan as scan_lib
 
 
@@ -62,56 +63,16 @@ def audio_transformer_preset(name: str, **overrides) -> AudioTransformerConfig:
     return AudioTransformerConfig(**{**_PRESETS[name], **overrides})
 
 
-def _layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) -> jax.Array:
-    """torch.nn.LayerNorm (biased variance), fp32."""
-    x32 = x.astype(jnp.float32)
-    mean = x32.mean(-1, keepdims=True)
-    var = jnp.square(x32 - mean).mean(-1, keepdims=True)
-    return (x32 - mean) * jax.lax.rsqrt(var + eps) * scale.astype(jnp.float32) + bias.astype(jnp.float32)
-
-
-def _dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
-    if key is None or rate == 0.0:
-        return x
-    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
-    return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
-
-
-class LayerNorm(nnx.Module):
-    def __init__(self, dim: int, *, eps: float, param_dtype: Any):
-        self.eps = eps
-        self.scale = nnx.Param(jnp.ones((dim,), param_dtype), out_sharding=("norm",))
-        self.bias = nnx.Param(jnp.zeros((dim,), param_dtype), out_sharding=("norm",))
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return _layer_norm(x, self.scale[...], self.bias[...], self.eps)
-
-
-class Linear(nnx.Module):
-    """y = x @ kernel (+ bias); kernel (in, out)."""
-
-    def __init__(self, din: int, dout: int, axes: tuple[str, str], *, use_bias: bool, dtype: Any, param_dtype: Any,
-                 rngs: nnx.Rngs):
-        self.dtype = dtype
-        init = nnx.initializers.lecun_normal()
-        self.kernel = nnx.Param(init(rngs.params(), (din, dout), param_dtype), out_sharding=axes)
-        self.bias = nnx.Param(jnp.zeros((dout,), param_dtype), out_sharding=(axes[1],)) if use_bias else None
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        y = x.astype(self.dtype) @ self.kernel[...].astype(self.dtype)
-        return y + self.bias[...].astype(self.dtype) if self.bias is not None else y
-
-
 class SelfAttention(nnx.Module):
     def __init__(self, config: AudioTransformerConfig, *, rngs: nnx.Rngs):
         c = config
         inner = c.n_heads * c.d_k
         kw = dict(use_bias=False, dtype=c.dtype, param_dtype=c.param_dtype, rngs=rngs)
         self.config = c
-        self.query = Linear(c.d_model, inner, ("audio_embed", "audio_heads"), **kw)
-        self.key = Linear(c.d_model, inner, ("audio_embed", "audio_heads"), **kw)
-        self.value = Linear(c.d_model, inner, ("audio_embed", "audio_heads"), **kw)
-        self.out = Linear(inner, c.d_model, ("audio_heads", "audio_embed"), **kw)
+        self.query = Dense(c.d_model, inner, ("audio_embed", "audio_heads"), **kw)
+        self.key = Dense(c.d_model, inner, ("audio_embed", "audio_heads"), **kw)
+        self.value = Dense(c.d_model, inner, ("audio_embed", "audio_heads"), **kw)
+        self.out = Dense(inner, c.d_model, ("audio_heads", "audio_embed"), **kw)
 
     def __call__(self, x: jax.Array, valid: jax.Array, positions: jax.Array, key: jax.Array | None) -> jax.Array:
         c = self.config
@@ -122,7 +83,7 @@ class SelfAttention(nnx.Module):
         q = q / jnp.asarray(np.sqrt(c.d_k), q.dtype)
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
         scores = jnp.where(valid[:, None, None, :], scores, jnp.float32(-1e9))  # masked_fill, as the reference
-        probs = _dropout(jax.nn.softmax(scores, axis=-1), c.attention_dropout, key).astype(c.dtype)
+        probs = dropout(jax.nn.softmax(scores, axis=-1), c.attention_dropout, key).astype(c.dtype)
         out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, n, c.n_heads * c.d_k)
         return self.out(out)
 
@@ -134,18 +95,18 @@ class EncoderLayer(nnx.Module):
         self.attention = SelfAttention(c, rngs=rngs)
         self.attention_norm = LayerNorm(c.d_model, eps=c.eps, param_dtype=c.param_dtype)
         kw = dict(use_bias=True, dtype=c.dtype, param_dtype=c.param_dtype, rngs=rngs)
-        self.ffn = nnx.Dict(w1=Linear(c.d_model, c.d_inner, ("audio_embed", "audio_mlp"), **kw),
-                            w2=Linear(c.d_inner, c.d_model, ("audio_mlp", "audio_embed"), **kw))
+        self.ffn = nnx.Dict(w1=Dense(c.d_model, c.d_inner, ("audio_embed", "audio_mlp"), **kw),
+                            w2=Dense(c.d_inner, c.d_model, ("audio_mlp", "audio_embed"), **kw))
         self.ffn_norm = LayerNorm(c.d_model, eps=c.eps, param_dtype=c.param_dtype)
 
     def __call__(self, x: jax.Array, valid: jax.Array, positions: jax.Array, key: jax.Array | None) -> jax.Array:
         c = self.config
         keys = jax.random.split(key, 3) if key is not None else (None,) * 3
-        h = _dropout(self.attention(x, valid, positions, keys[0]), c.dropout, keys[1])
+        h = dropout(self.attention(x, valid, positions, keys[0]), c.dropout, keys[1])
         x = self.attention_norm(h.astype(jnp.float32) + x).astype(x.dtype)
         h = jax.nn.relu(self.ffn["w1"](x))
         h = sharding.constrain(h, ("act_batch", "act_length", "act_mlp"))
-        h = _dropout(self.ffn["w2"](h), c.dropout, keys[2])
+        h = dropout(self.ffn["w2"](h), c.dropout, keys[2])
         x = self.ffn_norm(h.astype(jnp.float32) + x).astype(x.dtype)
         return sharding.constrain(x, ("act_batch", "act_length", "act_embed"))
 
@@ -160,7 +121,7 @@ class AudioTransformer(nnx.Module):
     def embed(self, x: jax.Array, *, key: jax.Array | None = None) -> jax.Array:
         """x * sqrt(C), then the input LayerNorm (the reference's `at_input_ln`), fp32."""
         x = x.astype(jnp.float32) * np.float32(np.sqrt(self.config.d_model))
-        return self.input_norm(_dropout(x, self.config.dropout, key))
+        return self.input_norm(dropout(x, self.config.dropout, key))
 
     def __call__(self, x: jax.Array, mask: jax.Array, *, deterministic: bool = True, rngs: nnx.Rngs | None = None,
                  num_layers: int | None = None) -> jax.Array:

@@ -44,6 +44,7 @@ from flax import nnx
 from af2_jax import sharding
 from af2_jax.audio.resize import bicubic_resize_axis
 from af2_jax.models import scan as scan_lib
+from af2_jax.models.layers import Dense, LayerNorm
 from af2_jax.models.variables import Buffer
 
 
@@ -182,41 +183,8 @@ def shift_attention_mask(resolution: int, window: int, shift: int) -> np.ndarray
 # ----------------------------------------------------------------------------------------------------------------
 # small layers
 
-def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) -> jax.Array:
-    """torch.nn.LayerNorm (biased variance) in fp32, returned in x's dtype."""
-    x32 = x.astype(jnp.float32)
-    mean = x32.mean(-1, keepdims=True)
-    var = jnp.square(x32 - mean).mean(-1, keepdims=True)
-    y = (x32 - mean) * jax.lax.rsqrt(var + eps) * scale.astype(jnp.float32) + bias.astype(jnp.float32)
-    return y.astype(x.dtype)
-
-
 def _trunc_normal(std: float):
     return nnx.initializers.truncated_normal(stddev=std, lower=-2.0 / std, upper=2.0 / std)
-
-
-class LayerNorm(nnx.Module):
-    def __init__(self, dim: int, *, eps: float, param_dtype: Any):
-        self.eps = eps
-        self.scale = nnx.Param(jnp.ones((dim,), param_dtype), out_sharding=("norm",))
-        self.bias = nnx.Param(jnp.zeros((dim,), param_dtype), out_sharding=("norm",))
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return layer_norm(x, self.scale[...], self.bias[...], self.eps)
-
-
-class Dense(nnx.Module):
-    """y = x @ kernel (+ bias); kernel (in, out) with logical axes `axes`."""
-
-    def __init__(self, din: int, dout: int, axes: tuple[str, str], *, use_bias: bool, dtype: Any, param_dtype: Any,
-                 rngs: nnx.Rngs, std: float = 0.02):
-        self.dtype = dtype
-        self.kernel = nnx.Param(_trunc_normal(std)(rngs.params(), (din, dout), param_dtype), out_sharding=axes)
-        self.bias = nnx.Param(jnp.zeros((dout,), param_dtype), out_sharding=(axes[1],)) if use_bias else None
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        y = x.astype(self.dtype) @ self.kernel[...].astype(self.dtype)
-        return y + self.bias[...].astype(self.dtype) if self.bias is not None else y
 
 
 class Conv2d(nnx.Module):
@@ -328,9 +296,9 @@ class WindowAttention(nnx.Module):
         c = config
         self.heads, self.dtype = heads, c.dtype
         self.qkv = Dense(dim, 3 * dim, ("audio_embed", "audio_heads"), use_bias=c.qkv_bias, dtype=c.dtype,
-                         param_dtype=c.param_dtype, rngs=rngs)
+                         param_dtype=c.param_dtype, rngs=rngs, init=_trunc_normal(0.02))
         self.proj = Dense(dim, dim, ("audio_heads", "audio_embed"), use_bias=True, dtype=c.dtype,
-                          param_dtype=c.param_dtype, rngs=rngs)
+                          param_dtype=c.param_dtype, rngs=rngs, init=_trunc_normal(0.02))
         self.relative_position_bias_table = nnx.Param(
             _trunc_normal(0.02)(rngs.params(), ((2 * window - 1) ** 2, heads), c.param_dtype),
             out_sharding=("bias_table", "audio_heads"))
@@ -362,9 +330,9 @@ class SwinBlock(nnx.Module):
         self.norm2 = LayerNorm(dim, eps=c.eps, param_dtype=c.param_dtype)
         hidden = int(dim * c.mlp_ratio)
         self.fc1 = Dense(dim, hidden, ("audio_embed", "audio_mlp"), use_bias=True, dtype=c.dtype,
-                         param_dtype=c.param_dtype, rngs=rngs)
+                         param_dtype=c.param_dtype, rngs=rngs, init=_trunc_normal(0.02))
         self.fc2 = Dense(hidden, dim, ("audio_mlp", "audio_embed"), use_bias=True, dtype=c.dtype,
-                         param_dtype=c.param_dtype, rngs=rngs)
+                         param_dtype=c.param_dtype, rngs=rngs, init=_trunc_normal(0.02))
 
     def __call__(self, x: jax.Array, *, resolution: int, window: int, shift: int, drop_rate: jax.Array | float = 0.0,
                  key: jax.Array | None = None) -> jax.Array:
@@ -392,7 +360,7 @@ class PatchMerging(nnx.Module):
         c = config
         self.norm = LayerNorm(4 * dim, eps=c.eps, param_dtype=c.param_dtype)
         self.reduction = Dense(4 * dim, 2 * dim, ("audio_mlp", "audio_embed"), use_bias=False, dtype=c.dtype,
-                               param_dtype=c.param_dtype, rngs=rngs)
+                               param_dtype=c.param_dtype, rngs=rngs, init=_trunc_normal(0.02))
 
     def __call__(self, x: jax.Array, resolution: int) -> jax.Array:
         n, _, dim = x.shape

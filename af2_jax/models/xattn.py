@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from af2_jax import sharding
+from af2_jax.models.layers import layer_norm
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,14 +34,6 @@ class XAttnConfig:
     @property
     def inner_dim(self) -> int:
         return self.heads * self.dim_head
-
-
-def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) -> jax.Array:
-    """torch.nn.LayerNorm semantics (biased variance), computed in fp32."""
-    x32 = x.astype(jnp.float32)
-    mean = x32.mean(-1, keepdims=True)
-    var = jnp.square(x32 - mean).mean(-1, keepdims=True)
-    return (x32 - mean) * jax.lax.rsqrt(var + eps) * scale.astype(jnp.float32) + bias.astype(jnp.float32)
 
 
 def _param(init, key, shape, param_dtype, axes) -> nnx.Param:
