@@ -18,7 +18,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from af2_jax.models import scan
+from af2_jax.audio.mel import log_mel
+from af2_jax.models import audio_encoder, scan
 from af2_jax.models.audio_transformer import AudioTransformer, AudioTransformerConfig, audio_transformer_preset
 from af2_jax.models.htsat import HTSAT, HTSATConfig, htsat_preset
 from af2_jax.models.qwen2 import KVCache, Qwen2Config, Qwen2ForCausalLM, attention_inputs, qwen2_preset
@@ -116,8 +117,6 @@ class AF2Model(nnx.Module):
     def encode_audio(self, audio: jax.Array, audio_mask: jax.Array, *, train_htsat: bool = False,
                      deterministic: bool = True, rngs: nnx.Rngs | None = None) -> tuple[jax.Array, jax.Array]:
         """audio (B, W, 160000) windows, audio_mask (B, W) -> media (B, W*64, C), media_mask (B, W*64)."""
-        from af2_jax.audio.mel import log_mel
-        from af2_jax.models import audio_encoder
         if audio.ndim != 3 or audio_mask.shape != audio.shape[:2]:
             raise ValueError(f"encode_audio: expected audio (B, W, 160000) and audio_mask (B, W), got "
                              f"{audio.shape} and {audio_mask.shape}")
