@@ -1,0 +1,208 @@
+"""The whole AF2 curriculum in one command: stage 1 -> 2 -> 3, each starting from the one before, then evaluation.
+
+    python launch/curriculum.py --preset tiny --workdir runs/tiny
+    python launch/curriculum.py --preset tiny --workdir runs/quick --stage1-steps 50 --stage2-steps 50 \
+        --stage3-steps 20 --set 3:max_windows=6
+
+Each stage trains in <workdir>/stageN (configs/stageN.py:PRESET, what launch/train.py runs) with init_from set to
+the previous stage's workdir. After stages 2 and 3 the model answers the synthetic test split of the skills that
+stage trained (eval_stageN.json); the per-skill accuracy is printed next to chance. The loss curves of all stages
+go to training_curves.png and a summary to results.json. Re-running the same command resumes where it stopped
+(a finished stage is not trained again); delete a stage's folder to retrain it.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import importlib.util
+import json
+import os
+import pathlib
+import sys
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+STAGES = (1, 2, 3)
+EVALUATED_STAGES = (2, 3)
+PLOT_FILE = "training_curves.png"
+RESULTS_FILE = "results.json"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="tiny", help="model/recipe preset of configs/stageN.py (tiny, 0.5b, ...)")
+    p.add_argument("--workdir", required=True, help="run folder: stage1/, stage2/, stage3/, results, plot")
+    for stage in STAGES:
+        p.add_argument(f"--stage{stage}-steps", type=int, default=None, help=f"stage {stage} steps (default: config)")
+    p.add_argument("--set", action="append", default=[], metavar="STAGE:KEY=VALUE",
+                   help="override a config field of one stage (or 'all:'), e.g. 3:max_windows=6; repeatable")
+    p.add_argument("--eval-examples-per-skill", type=int, default=20)
+    p.add_argument("--eval-batch-size", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=24, help="the synthetic answers are a few tokens long")
+    p.add_argument("--compilation-cache", default=None, metavar="DIR",
+                   help="persistent JAX compilation cache (default: <workdir>/jax_cache; '' to disable). Compiling "
+                        "dominates a tiny run, and a resumed or repeated run finds its programs there")
+    p.add_argument("--no-eval", action="store_true", help="train and plot only")
+    p.add_argument("--no-progress", action="store_true", help="no evaluation progress bar")
+    return p
+
+
+def load_stage_config(stage: int, preset: str):
+    """configs/stageN.py's get_config(preset), loaded by path as launch/train.py's --config flag loads it."""
+    path = REPO / "configs" / f"stage{stage}.py"
+    spec = importlib.util.spec_from_file_location(f"af2_curriculum_stage{stage}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(preset)
+
+
+def parse_overrides(entries) -> dict[int, list[tuple[str, object]]]:
+    """["3:max_windows=6", "all:seed=1"] -> {stage: [(dotted key, value)]}; values are Python literals or text."""
+    overrides: dict[int, list] = {s: [] for s in STAGES}
+    for entry in entries:
+        where, sep, assignment = entry.partition(":")
+        key, eq, text = assignment.partition("=")
+        if not sep or not eq or not key or where not in ("all", *map(str, STAGES)):
+            raise SystemExit(f"--set {entry!r}: expected STAGE:KEY=VALUE with STAGE in 1, 2, 3 or all")
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text  # a bare string such as a path
+        for stage in STAGES if where == "all" else (int(where),):
+            overrides[stage].append((key.strip(), value))
+    return overrides
+
+
+def set_field(cfg, dotted: str, value) -> None:
+    *parents, leaf = dotted.split(".")
+    node = cfg
+    for name in parents:
+        node = getattr(node, name)
+    if leaf not in node:
+        raise SystemExit(f"--set: the stage config has no field {dotted!r}")
+    setattr(node, leaf, value)
+
+
+def stage_config(args, stage: int, overrides) -> object:
+    cfg = load_stage_config(stage, args.preset)
+    if stage > 1:  # the curriculum's point: start from what the previous stage learnt
+        cfg.init_from = str(stage_dir(args.workdir, stage - 1))
+    steps = getattr(args, f"stage{stage}_steps")
+    if steps is not None:
+        cfg.num_steps = steps
+    for key, value in overrides[stage]:
+        set_field(cfg, key, value)
+    return cfg
+
+
+def stage_dir(workdir, stage: int) -> pathlib.Path:
+    return pathlib.Path(workdir).absolute() / f"stage{stage}"
+
+
+def evaluate_stage(args, stage: int, cfg) -> dict:
+    """Greedy answers of the stage's final model on the synthetic test split of the skills the stage trained."""
+    from af2_jax import pretrained
+    from af2_jax.data.config import default_synthetic_config
+    from af2_jax.data.synthetic import SyntheticSource
+    from af2_jax.evaluation import report, runner
+    from af2_jax.inference.sampling import SamplingConfig
+    from af2_jax.training import loop
+
+    parts = []
+    for source in default_synthetic_config("test", stage=stage)["sources"]:
+        skills = tuple(source["skills"])
+        parts.append(SyntheticSource("test", args.eval_examples_per_skill * len(skills), seed=source["seed"],
+                                     skills=skills))
+    records = runner.Concatenated(parts)
+    model_dir = runner.model_directory(stage_dir(args.workdir, stage))
+    model = pretrained.load_model(model_dir)
+    sampling = SamplingConfig(max_new_tokens=args.max_new_tokens)
+    settings = runner.EvalSettings(batch_size=args.eval_batch_size, max_windows=cfg.max_windows)
+    metadata = {"checkpoint": str(model_dir), "stage": stage,
+                "data": {"source": "synthetic", "split": "test", "num_examples": len(records),
+                         "parts": [{"skills": list(p.skills), "seed": p.seed, "num_examples": len(p)} for p in parts]},
+                "sampling": {"temperature": 0.0, "max_new_tokens": sampling.max_new_tokens}}
+    payload = runner.evaluate(runner.model_generate_fn(model, loop.default_tokenizer(cfg), sampling), records,
+                              settings, progress=not args.no_progress, metadata=metadata)
+    report.write_json(pathlib.Path(args.workdir) / f"eval_stage{stage}.json", payload)
+    print(f"\nstage {stage} evaluation ({len(records)} synthetic test examples):")
+    print(report.format_table(payload["tasks"], payload["overall"]))
+    return payload
+
+
+def use_compilation_cache(directory) -> None:
+    """Keep compiled programs on disk, unless the user's JAX configuration already names a cache."""
+    import jax
+
+    if not directory or jax.config.jax_compilation_cache_dir:
+        return
+    jax.config.update("jax_compilation_cache_dir", str(directory))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
+def comparison_table(evaluations: dict[int, dict]) -> str:
+    """Per skill: chance level, then accuracy after each evaluated stage ('-' where a stage did not test it)."""
+    skills = sorted({task for payload in evaluations.values() for task in payload["tasks"]})
+    header = ["skill", "chance %"] + [f"after stage {s} %" for s in evaluations]
+    rows = []
+    for skill in skills:
+        tested = [p["tasks"].get(skill) for p in evaluations.values()]
+        chance = next((t["chance"] for t in tested if t and t["chance"] is not None), None)
+        cells = [skill, "-" if chance is None else f"{100 * chance:.1f}"]
+        cells += ["-" if not t or t["accuracy"] is None else f"{100 * t['accuracy']:.1f}" for t in tested]
+        rows.append(cells)
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    fmt = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+    return "\n".join([fmt(header), "-" * len(fmt(header)), *map(fmt, rows)])
+
+
+def main(argv=None) -> dict:
+    args = build_parser().parse_args(argv)
+    import logging
+
+    from absl import logging as absl_logging
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # the train loop's progress lines
+    absl_logging.set_verbosity(absl_logging.WARNING)  # not Orbax's per-save chatter
+    from af2_jax.evaluation import curves, report
+    from af2_jax.training import loop
+    from af2_jax.training.metrics import METRICS_FILE
+
+    workdir = pathlib.Path(args.workdir).absolute()
+    workdir.mkdir(parents=True, exist_ok=True)
+    use_compilation_cache(workdir / "jax_cache" if args.compilation_cache is None else args.compilation_cache)
+    overrides = parse_overrides(args.set)
+    summary = {"preset": args.preset, "workdir": str(workdir), "stages": {}, "evaluations": {}}
+    evaluations: dict[int, dict] = {}
+    for stage in STAGES:
+        cfg = stage_config(args, stage, overrides)
+        print(f"\n=== stage {stage}: {cfg.num_steps} steps, {cfg.max_windows} windows, "
+              f"init_from={cfg.init_from or '(random / config)'} -> {stage_dir(workdir, stage)}", flush=True)
+        result = loop.train(cfg, stage_dir(workdir, stage))
+        if result.status != "finished":
+            print(f"stage {stage} {result.status} at step {result.last_step}; re-run the same command to resume")
+            raise SystemExit(1)
+        summary["stages"][str(stage)] = {"workdir": str(stage_dir(workdir, stage)), "num_steps": cfg.num_steps,
+                                         "init_from": cfg.init_from, "max_windows": cfg.max_windows}
+        if stage in EVALUATED_STAGES and not args.no_eval:
+            evaluations[stage] = evaluate_stage(args, stage, cfg)
+            summary["evaluations"][str(stage)] = {"file": str(workdir / f"eval_stage{stage}.json"),
+                                                  "tasks": evaluations[stage]["tasks"],
+                                                  "overall": evaluations[stage]["overall"]}
+
+    stage_metrics = {f"stage {s}": curves.read_metrics(stage_dir(workdir, s) / METRICS_FILE) for s in STAGES
+                     if (stage_dir(workdir, s) / METRICS_FILE).is_file()}
+    plot = curves.plot_training_curves(stage_metrics, workdir / PLOT_FILE, title=f"AF2 {args.preset} curriculum")
+    summary["plot"] = str(plot)
+    summary["final_loss"] = {name: records[-1]["loss"] for name, records in stage_metrics.items() if records}
+    report.write_json(workdir / RESULTS_FILE, summary)
+    if evaluations:
+        print("\nper-skill accuracy on the synthetic test split:")
+        print(comparison_table(evaluations))
+    print(f"\ntraining curves: {plot}\nsummary: {workdir / RESULTS_FILE}")
+    return summary
+
+
+if __name__ == "__main__":
+    main()

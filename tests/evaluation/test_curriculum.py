@@ -1,0 +1,99 @@
+"""launch/curriculum.py: its option parsing, and the whole curriculum run for a handful of steps.
+
+The run trains stage 1 normally, and stages 2 and 3 with learning rate 0: then each later stage's exported weights
+must equal the previous stage's bit for bit if, and only if, it started from them (a random start would differ,
+e.g. its cross-attention gates would still be at their initial 0 while stage 1 moved them)."""
+import importlib.util
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from af2_jax import pretrained
+from af2_jax.evaluation import report
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+
+
+def _curriculum():
+    spec = importlib.util.spec_from_file_location("launch_curriculum", REPO / "launch" / "curriculum.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_parse_overrides():
+    curriculum = _curriculum()
+    got = curriculum.parse_overrides(["3:max_windows=6", "all:seed=1", "2:tokenizer=/tmp/tok",
+                                      "1:optimizer.learning_rate=0.0"])
+    assert got == {1: [("seed", 1), ("optimizer.learning_rate", 0.0)], 2: [("seed", 1), ("tokenizer", "/tmp/tok")],
+                   3: [("max_windows", 6), ("seed", 1)]}
+    for bad in ("max_windows=6", "4:seed=1", "2:seed"):
+        with pytest.raises(SystemExit):
+            curriculum.parse_overrides([bad])
+
+
+def test_stage_configs_chain_init_from_and_take_overrides(tmp_path):
+    curriculum = _curriculum()
+    args = curriculum.build_parser().parse_args(["--workdir", str(tmp_path), "--stage2-steps", "7",
+                                                 "--set", "2:optimizer.learning_rate=0.0"])
+    overrides = curriculum.parse_overrides(args.set)
+    configs = {s: curriculum.stage_config(args, s, overrides) for s in (1, 2, 3)}
+    assert configs[1].init_from == ""
+    assert configs[2].init_from == str(tmp_path / "stage1") and configs[3].init_from == str(tmp_path / "stage2")
+    assert configs[2].num_steps == 7 and configs[2].optimizer.learning_rate == 0.0
+    with pytest.raises(SystemExit, match="no field"):
+        curriculum.stage_config(args, 1, curriculum.parse_overrides(["1:optimizer.nonexistent=1"]))
+
+
+def _text_side_params(stage_dir):
+    """Weights of the cross-attention, audio transformer and LLM (HTSAT's BatchNorm statistics move even at lr 0)."""
+    _, params = pretrained.load(stage_dir / "final")
+    return {k: np.asarray(v) for k, v in params.items() if not k.startswith("htsat/")}
+
+
+@pytest.mark.slow
+def test_curriculum_runs_three_chained_stages_and_reports(tmp_path):
+    # The README's command, as a fresh process (one CPU device, its own JAX configuration). Stage 3 keeps stage
+    # 2's shapes (batch 8, one window) so its programs come from the compilation cache: compiling dominates here.
+    workdir = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    command = [sys.executable, str(REPO / "launch" / "curriculum.py"), "--preset", "tiny", "--workdir", str(workdir),
+               "--stage1-steps", "3", "--stage2-steps", "2", "--stage3-steps", "2",
+               "--set", "2:optimizer.learning_rate=0.0", "--set", "3:optimizer.learning_rate=0.0",
+               "--set", "3:max_windows=1", "--set", "3:batch_size=8",
+               "--eval-examples-per-skill", "1", "--eval-batch-size", "8", "--max-new-tokens", "4", "--no-progress"]
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1500)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    printed = done.stdout
+
+    stage = {s: _text_side_params(workdir / f"stage{s}") for s in (1, 2, 3)}
+    gates = [k for k in stage[1] if k.endswith("attn_gate")]
+    assert gates and any(np.any(stage[1][k] != 0) for k in gates), "stage 1 did not move the gates from 0"
+    for later in (2, 3):
+        assert stage[later].keys() == stage[1].keys()
+        for key, value in stage[later - 1].items():
+            np.testing.assert_array_equal(stage[later][key], value, err_msg=f"stage {later} {key}")
+        run_config = json.loads((workdir / f"stage{later}" / "config.json").read_text())
+        assert run_config["init_from"] == str(workdir / f"stage{later - 1}")
+
+    for s, steps in ((1, 3), (2, 2), (3, 2)):
+        lines = (workdir / f"stage{s}" / "metrics.jsonl").read_text().splitlines()
+        assert [json.loads(line)["step"] for line in lines] == list(range(1, steps + 1))
+    assert (workdir / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    results = report.read_json(workdir / "results.json")
+    assert results["plot"] == str(workdir / "training_curves.png")
+    assert set(results["evaluations"]) == {"2", "3"}
+    short = {"count", "order", "pitch", "timbre", "loudness", "duration", "caption"}
+    assert set(results["evaluations"]["2"]["tasks"]) == short
+    assert set(results["evaluations"]["3"]["tasks"]) == short | {"long_when", "long_count"}
+    for s in ("2", "3"):
+        payload = report.read_json(workdir / f"eval_stage{s}.json")
+        assert payload["tasks"] == results["evaluations"][s]["tasks"]
+        assert len(payload["predictions"]) == payload["metadata"]["data"]["num_examples"]
+    assert "after stage 2 %" in printed and "after stage 3 %" in printed and "long_when" in printed
