@@ -36,6 +36,17 @@ def stage_offsets(stages: Mapping[str, Sequence[dict]]) -> dict[str, int]:
     return offsets
 
 
+def trailing_mean(values: Sequence[float], window: int) -> list[float]:
+    """Mean of each value and up to `window - 1` values before it."""
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
 def plot_training_curves(stages: Mapping[str, Sequence[dict]], output, *, key: str = "loss",
                          title: str = "training loss") -> pathlib.Path:
     """Draw `key` against the shared step axis for every stage (in the mapping's order) into the PNG `output`."""
@@ -50,7 +61,9 @@ def plot_training_curves(stages: Mapping[str, Sequence[dict]], output, *, key: s
         points = [(offsets[name] + int(r["step"]), float(r[key])) for r in records if key in r]
         if points:
             steps, values = zip(*points)
-            ax.plot(steps, values, label=name, linewidth=1.2)
+            line, = ax.plot(steps, values, label=name, linewidth=1.0, alpha=0.4 if len(values) >= 40 else 1.0)
+            if len(values) >= 40:  # per-batch loss is noisy: draw its trailing mean over it in the same colour
+                ax.plot(steps, trailing_mean(values, len(values) // 20), color=line.get_color(), linewidth=1.6)
         if offsets[name] > 0:  # stage boundary
             ax.axvline(offsets[name], color="grey", linestyle="--", linewidth=0.8)
     ax.set_xlabel("step (stages one after the other)")

@@ -39,3 +39,14 @@ def test_plot_writes_a_png(tmp_path):
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     width, height = struct.unpack(">II", data[16:24])  # the IHDR chunk: 8 x 4.5 inches at 100 dpi
     assert (width, height) == (800, 450)
+
+
+def test_trailing_mean_by_hand():
+    # window 2: [1], [1, 3], [3, 5], [5, 7]
+    assert curves.trailing_mean([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
+    assert curves.trailing_mean([2.0, 4.0], 1) == [2.0, 4.0]
+
+
+def test_plot_of_a_long_noisy_run(tmp_path):
+    stages = {"stage 1": [{"step": s, "loss": 5.0 - s / 100 + 0.3 * (-1) ** s} for s in range(1, 201)]}
+    assert curves.plot_training_curves(stages, tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
