@@ -7,6 +7,7 @@ and token F1, and captioning tasks get CIDEr-D over the task's examples.
 """
 from __future__ import annotations
 
+import logging
 from typing import Any, Mapping, Sequence
 
 from af2_jax.evaluation import cider, metrics
@@ -22,20 +23,25 @@ def is_captioning_task(task: str) -> bool:
 def score_item(example: Mapping[str, Any], prediction: str) -> dict[str, Any]:
     """One prediction's scores. `example` has 'id', 'task', 'prompt', 'answer' and optionally 'choices'."""
     prompt, answer = example["prompt"], example["answer"]
+    note = None
     options = metrics.parse_options(prompt)
     if options:
         kind = MCQ
         chosen = metrics.match_option(prediction, options)
-        gold = metrics.resolve_reference_option(answer, options)
+        gold = metrics.match_option(answer, options)
     elif example.get("choices"):
         kind = CLOSED
         options = metrics.options_from_choices(list(example["choices"]))
         chosen = metrics.match_option_text(prediction, options)
         gold = metrics.match_option_text(answer, options)
-        if gold is None:
-            raise ValueError(f"{example['id']}: answer {answer!r} is not one of its choices {example['choices']!r}")
     else:
         kind, options, chosen, gold = OPEN, None, None, None
+    if kind != OPEN and gold is None:
+        # A data problem (the reference is none of the options), not a model error: score the item as open text
+        # and say so, rather than stop a long evaluation or count it against the model.
+        note = f"reference {answer!r} names none of the options; scored as open-ended"
+        logging.warning("%s: %s", example["id"], note)
+        kind, options, chosen = OPEN, None, None
     return {
         "id": example["id"],
         "task": example["task"],
@@ -50,6 +56,7 @@ def score_item(example: Mapping[str, Any], prediction: str) -> dict[str, Any]:
         "chance": None if kind == OPEN else metrics.chance_accuracy(options),
         "exact_match": metrics.exact_match(prediction, answer),
         "token_f1": metrics.token_f1(prediction, answer),
+        "note": note,
     }
 
 

@@ -71,3 +71,12 @@ def test_json_round_trip_and_schema_check(tmp_path):
     path.write_text('{"schema": "other"}')
     with pytest.raises(ValueError, match="schema"):
         report.read_json(path)
+
+
+def test_a_reference_outside_its_options_is_scored_as_open_text_with_a_note():
+    example = {"id": "x", "task": "mmau", "prompt": "what is it?\n(A) dog\n(B) cat", "answer": "a bird"}
+    item = scoring.score_item(example, "bird")
+    assert item["kind"] == scoring.OPEN and item["correct"] is None and "none of the options" in item["note"]
+    assert item["exact_match"] == 1.0  # "a bird" vs "bird": articles do not count
+    closed = {"id": "y", "task": "count", "prompt": "how many?", "answer": "five", "choices": ["one", "two"]}
+    assert scoring.score_item(closed, "five")["kind"] == scoring.OPEN
