@@ -52,7 +52,7 @@ def synthetic_skills(spec: str) -> tuple[str, ...]:
     return named.get(spec) or tuple(s.strip() for s in spec.split(",") if s.strip())
 
 
-def test_records(args):
+def load_test_set(args):
     """(records, description) of the chosen test set."""
     if args.manifest:
         from af2_jax.data.manifests import read_manifest
@@ -76,7 +76,7 @@ def run(args) -> dict:
     from af2_jax.inference.sampling import SamplingConfig
 
     model_dir = runner.model_directory(args.checkpoint)
-    records, data = test_records(args)
+    records, data = load_test_set(args)
     model = pretrained.load_model(model_dir)
     tokenizer = runner.load_tokenizer(model_dir, args.tokenizer)
     sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
