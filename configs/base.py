@@ -47,6 +47,7 @@ def stage_config(stage: int, preset: str = "tiny") -> ml_collections.ConfigDict:
         remat_policy="none" if tiny else "full",
         scan_unroll=False,
         vocab_from_tokenizer=tiny,  # tiny: the LLM's vocabulary is the synthetic tokenizer's
+        htsat_depths=(),  # () = the preset's Swin depths; e.g. (2, 2, 2, 2) for a cheaper HTSAT (tests, CPU runs)
     ))
     c.trainable = STAGE_TRAINABLE[stage]
     c.frozen_param_dtype = "float32" if tiny else "bfloat16"

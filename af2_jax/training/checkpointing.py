@@ -159,7 +159,10 @@ class Checkpointer:
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
-        metadata = self.manager.item_metadata(step)[STATE]
+        # a fresh manager knows no handler for the 'state' item yet (its item_metadata is None): ask the PyTree
+        # handler directly
+        metadata = ocp.PyTreeCheckpointer().metadata(self.directory / str(step) / STATE)
+        metadata = getattr(metadata, "item_metadata", metadata)
         tree = metadata.tree if hasattr(metadata, "tree") else metadata
         wanted = {k: tree[k] for k in ("trainable", "batch_stats") if k in tree}
         restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted)

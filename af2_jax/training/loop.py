@@ -39,6 +39,8 @@ class RunResult:
     last_step: int
     status: str  # 'finished' | 'preempted' | 'stopped' (max_steps reached before num_steps)
     state: Any = None  # the final TrainState (for tests and benchmarks)
+    frozen: Any = None  # the frozen variables (nnx.State) the run used
+    split: Any = None  # the ModelSplit: split.merge(state['trainable'], state['batch_stats'], frozen) is the model
 
 
 class StopFlag:
@@ -207,7 +209,7 @@ def train(cfg: Any, workdir: str | pathlib.Path, *, make_iterator: Callable[...,
             signal.signal(signum, handler)
         if hasattr(iterator, "close"):
             iterator.close()
-    return RunResult(records=records, last_step=step, status=status, state=state)
+    return RunResult(records=records, last_step=step, status=status, state=state, frozen=frozen, split=split)
 
 
 def export_final(directory: pathlib.Path, model_config: Any, model: Any) -> None:

@@ -16,7 +16,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from af2_jax.training import distributed, loss
-from af2_jax.training.train_state import ModelSplit, TrainState
+from af2_jax.training.train_state import MUTABLE, ModelSplit, TrainState
 
 BATCH_KEYS = ("audio", "audio_mask", "input_ids", "attention_mask", "loss_mask")
 
@@ -30,11 +30,12 @@ def make_train_step(split: ModelSplit, tx: optax.GradientTransformation, schedul
         # fresh Variable objects at this trace level: the forward updates BatchStats in place when HTSAT trains
         batch_stats = jax.tree.map(lambda x: x, batch_stats)
         model = split.merge(trainable, batch_stats, frozen)
-        rngs = None if deterministic else nnx.Rngs(dropout=rng, augment=jax.random.fold_in(rng, 1))
+        # HTSAT's training mode (SpecAugment, drop path, fusion crop) is random even when dropout is off
+        rngs = None if deterministic and not train_htsat else nnx.Rngs(dropout=rng)
         logits = model(micro["audio"], micro["audio_mask"], micro["input_ids"], micro["attention_mask"],
                        train_htsat=train_htsat, deterministic=deterministic, rngs=rngs)
         loss_sum, count = loss.next_token_loss_sum(logits, micro["input_ids"], micro["loss_mask"])
-        return loss_sum, (count, nnx.state(model, nnx.BatchStat))
+        return loss_sum, (count, nnx.state(model, MUTABLE))
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 

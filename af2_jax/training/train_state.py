@@ -2,7 +2,8 @@
 the optimizer state; built directly sharded on the mesh (never materialised on one device).
 
     trainable    nnx.State of the stage's trainable nnx.Params (fp32 master weights)       -> gradients, Adam
-    batch_stats  nnx.State of nnx.BatchStat (HTSAT BatchNorm running statistics)           -> updated when HTSAT trains
+    batch_stats  nnx.State of nnx.BatchStat (HTSAT BatchNorm running statistics) and the     -> updated when HTSAT trains
+                 BatchNorms' `num_batches_tracked` counters (Buffers the training forward increments)
     frozen       nnx.State of everything else (frozen Params, Buffers); may be stored bf16 -> passed through
 
 `TrainState` = {'trainable', 'batch_stats', 'opt_state', 'step'} is what the step donates and what checkpoints hold;
@@ -36,10 +37,14 @@ class ModelSplit:
         return nnx.merge(self.graphdef, trainable, batch_stats, frozen)
 
 
+# what the forward pass updates in training mode: BatchNorm statistics and their torch-style call counters
+MUTABLE = nnx.Any(nnx.BatchStat, nnx.PathContains("num_batches_tracked"))
+
+
 def split_model(model: nnx.Module, trainable_patterns: Sequence[str]):
     """-> (ModelSplit, trainable, batch_stats, frozen)."""
     graphdef, trainable, batch_stats, frozen = nnx.split(
-        model, stages.trainable_filter(trainable_patterns), nnx.BatchStat, ...)
+        model, stages.trainable_filter(trainable_patterns), MUTABLE, ...)
     return ModelSplit(graphdef, tuple(trainable_patterns)), trainable, batch_stats, frozen
 
 

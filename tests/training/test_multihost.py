@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from af2_jax.training import loop
-from helpers import random_batches, stage_config, tiny_model_factory
+from helpers import random_batches, stage_config
 
 WORKER = pathlib.Path(__file__).with_name("multihost_worker.py")
 
@@ -54,6 +54,6 @@ def test_two_processes_train_checkpoint_and_resume(tmp_path):
         assert o[0]["losses"] == o[1]["losses"]  # every process reads the same replicated metrics
 
     cfg = stage_config(2, num_steps=3, export_final=False, **{"mesh.data": 2, "mesh.fsdp": 4})
-    single = loop.train(cfg, tmp_path / "single", make_iterator=random_batches(), make_model=tiny_model_factory())
+    single = loop.train(cfg, tmp_path / "single", make_iterator=random_batches())
     np.testing.assert_allclose(first[0]["losses"] + second[0]["losses"], [r["loss"] for r in single.records],
                                rtol=0, atol=1e-5)
