@@ -178,6 +178,164 @@ def run_generate(args: argparse.Namespace) -> list[dict]:
     return results
 
 
+def _train_setup(preset: str, stage: int, windows: int, *, remat: str, dtype: str, frozen_dtype: str):
+    """(model factory, trainable patterns, optimizer, schedule) as the stage configs build them, without
+    ml_collections (plain namespaces)."""
+    import types
+
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from af2_jax.models.af2 import AF2Model, af2_preset
+    from af2_jax.training import optimizer, stages
+
+    config = af2_preset(preset, dtype=jnp.dtype(dtype), param_dtype=jnp.float32, remat_policy=remat,
+                        max_windows=windows)
+    opt = types.SimpleNamespace(learning_rate=1e-4, warmup_steps=10, weight_decay=0.1, b1=0.9, b2=0.999, eps=1e-8,
+                                clip_grad_norm=1.0)
+    patterns = stages.STAGE_TRAINABLE[stage]
+    return (config, lambda: AF2Model(config, rngs=nnx.Rngs(0)), patterns,
+            optimizer.make_optimizer(opt, patterns), optimizer.learning_rate_schedule(opt), jnp.dtype(frozen_dtype))
+
+
+def train_flops(config, stage: int, batch: int, windows: int, tokens: int) -> dict:
+    """Model FLOPs of one train step (no remat recomputation), per component: 2 x (multiply-adds) forward per
+    weight use, x3 for trainable weights (forward, activation grad, weight grad), x2 for frozen weights with a
+    trainable part before them (forward, activation grad), x1 for frozen weights with nothing trainable before them;
+    attention scores (QK^T and PV, no weights) x3 where activation grads flow, else x1."""
+    from af2_jax.training import stages
+
+    h, at, llm, xa = config.htsat, config.audio_transformer, config.llm, config.xattn
+    trains = stages.PathMatcher(stages.STAGE_TRAINABLE[stage])
+    htsat_trains = trains("htsat/x")
+    grid = h.spec_size // h.patch_stride  # 64 x 64 patches per window
+    audio = windows * h.tokens_per_window  # audio tokens per example (64 per window)
+    rows = {}
+
+    def add(name, fwd_flops, factor):
+        rows[name] = rows.get(name, 0.0) + fwd_flops * factor * batch
+
+    # factors: HTSAT trains (x3) or is frozen with nothing before it (x1); the audio transformer and xattn train in
+    # every stage; the frozen LLM layers lie between trainable xattn blocks and the (tied, trainable) output
+    # embedding, so they need activation grads (x2); an untied frozen lm_head after trainable parts also x2.
+    hf = 3 if htsat_trains else 1
+    for s, depth in enumerate(h.depths):
+        dim, n = h.embed_dim << s, windows * (grid >> s) ** 2
+        win = h.stage_window(s)
+        mlp = int(dim * h.mlp_ratio)
+        add("htsat blocks (matmuls)", depth * 2 * n * (dim * 3 * dim + dim * dim + 2 * dim * mlp), hf)
+        add("htsat window attention scores", depth * 2 * 2 * n * win * win * dim, hf)
+        if s < len(h.depths) - 1:
+            add("htsat patch merging", 2 * (n // 4) * (4 * dim) * (2 * dim), hf)
+    add("htsat patch embed (conv)", 2 * windows * grid * grid * h.patch_size ** 2 * h.in_chans * h.embed_dim, hf)
+    d = at.d_model
+    add("audio transformer (matmuls)", at.n_layers * 2 * audio * (4 * d * d + 2 * d * at.d_inner), 3)
+    add("audio transformer attention scores", at.n_layers * 2 * 2 * audio * audio * d, 3)
+    inner = xa.heads * xa.dim_head
+    layers, dm = llm.num_layers, llm.hidden_size
+    ff = xa.dim * xa.ff_mult
+    add("xattn q/out/ff (text tokens)", layers * 2 * tokens * (2 * dm * inner + 2 * dm * ff), 3)
+    add("xattn audio k/v (audio tokens)", layers * 2 * audio * xa.dim_audio * 2 * inner, 3)
+    add("xattn attention scores", layers * 2 * 2 * tokens * audio * inner, 3)
+    head_dim = dm // llm.num_heads
+    kv = llm.num_kv_heads * head_dim
+    add("llm layers (matmuls)", layers * 2 * tokens * (2 * dm * dm + 2 * dm * kv + 3 * dm * llm.intermediate_size), 2)
+    add("llm causal attention scores", layers * 2 * 2 * (tokens * (tokens + 1) / 2) * dm, 3)
+    head_trains = llm.tie_word_embeddings and trains("llm/embed_tokens/embedding")
+    add("lm head (tied embedding)" if llm.tie_word_embeddings else "lm head", 2 * tokens * dm * llm.vocab_size,
+        3 if head_trains else 2)
+    rows["total"] = sum(rows.values())
+    return rows
+
+
+def _abstract_batch(batch: int, windows: int, tokens: int, mesh, accumulation: int = 1):
+    import jax
+    import jax.numpy as jnp
+
+    from af2_jax.training import distributed
+    sharding = distributed.batch_sharding(mesh)
+    shapes = {"audio": ((accumulation, batch, windows, 160000), jnp.float32),
+              "audio_mask": ((accumulation, batch, windows), jnp.float32),
+              "input_ids": ((accumulation, batch, tokens), jnp.int32),
+              "attention_mask": ((accumulation, batch, tokens), jnp.int32),
+              "loss_mask": ((accumulation, batch, tokens), jnp.float32)}
+    return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding) for k, (shape, dtype) in shapes.items()}
+
+
+def run_train(args: argparse.Namespace) -> list[dict]:
+    import jax
+    import numpy as np
+
+    from af2_jax import sharding
+    from af2_jax.training import step as step_lib, train_state
+
+    mesh = sharding.make_mesh(args.data, args.fsdp, args.tensor)
+    results = []
+    for stage in args.stages:
+        config, make_model, patterns, tx, schedule, frozen_dtype = _train_setup(
+            args.preset, stage, args.windows, remat=args.remat, dtype=args.dtype, frozen_dtype=args.frozen_dtype)
+        flops = train_flops(config, stage, args.batch, args.windows, args.tokens)
+        common = dict(preset=args.preset, stage=stage, batch=args.batch, windows=args.windows, tokens=args.tokens,
+                      dtype=args.dtype, frozen_dtype=args.frozen_dtype, remat=args.remat,
+                      mesh=dict(mesh.shape), model_flops_per_step=flops["total"])
+        if args.aot:
+            split, abstract_state, abstract_frozen = train_state.abstract_train_state(make_model, patterns, tx,
+                                                                                      frozen_dtype)
+            shardings = (train_state.tree_shardings(abstract_state, mesh),
+                         train_state.tree_shardings(abstract_frozen, mesh))
+            state, frozen = abstract_state, abstract_frozen  # jit's in_shardings place them
+            step = step_lib.jit_train_step(step_lib.make_train_step(split, tx, schedule, train_htsat=stage >= 2),
+                                           mesh, shardings)
+            start = time.perf_counter()
+            with jax.set_mesh(mesh):
+                compiled = step.lower(state, frozen, _abstract_batch(args.batch, args.windows, args.tokens,
+                                                                     mesh)).compile()
+            compile_s = time.perf_counter() - start
+            memory = compiled.memory_analysis()
+            cost = compiled.cost_analysis()
+            cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+            gib = lambda b: round(b / 2**30, 3)  # noqa: E731
+            mem = dict(argument_gib=gib(memory.argument_size_in_bytes), output_gib=gib(memory.output_size_in_bytes),
+                       alias_gib=gib(memory.alias_size_in_bytes), temp_gib=gib(memory.temp_size_in_bytes),
+                       total_gib=gib(memory.argument_size_in_bytes + memory.output_size_in_bytes
+                                     - memory.alias_size_in_bytes + memory.temp_size_in_bytes))
+            result = dict(benchmark="train-aot", **common, compile_s=round(compile_s, 1),
+                          per_device_memory=mem, xla_cost_flops_per_device=(cost or {}).get("flops"),
+                          model_flops=flops)
+        else:
+            split, state, frozen, shardings = train_state.create_train_state(make_model, patterns, tx, mesh,
+                                                                             frozen_dtype)
+            step = step_lib.jit_train_step(step_lib.make_train_step(split, tx, schedule, train_htsat=stage >= 2),
+                                           mesh, shardings)
+            rng = np.random.default_rng(0)
+            vocab = config.llm.vocab_size
+            host = {"audio": (0.3 * rng.normal(size=(1, args.batch, args.windows, 160000))).astype(np.float32),
+                    "audio_mask": np.ones((1, args.batch, args.windows), np.float32),
+                    "input_ids": rng.integers(0, vocab, (1, args.batch, args.tokens)).astype(np.int32),
+                    "attention_mask": np.ones((1, args.batch, args.tokens), np.int32),
+                    "loss_mask": np.ones((1, args.batch, args.tokens), np.float32)}
+            batch = {k: jax.device_put(v, step_lib.distributed.batch_sharding(mesh)) for k, v in host.items()}
+            with jax.set_mesh(mesh):
+                start = time.perf_counter()
+                state, metrics = step(state, frozen, batch)  # compile + warm-up, not timed
+                jax.block_until_ready(metrics)
+                compile_s = time.perf_counter() - start
+                start = time.perf_counter()
+                for _ in range(args.iters):
+                    state, metrics = step(state, frozen, batch)
+                jax.block_until_ready((state, metrics))
+                elapsed = time.perf_counter() - start
+            step_s = elapsed / args.iters
+            result = dict(benchmark="train", **common, iters=args.iters, first_call_s=round(compile_s, 1),
+                          step_s=round(step_s, 4), text_tokens_per_s=round(args.batch * args.tokens / step_s, 1),
+                          audio_windows_per_s=round(args.batch * args.windows / step_s, 2),
+                          backend=jax.default_backend(), devices=len(jax.devices()), cpu_count=os.cpu_count(),
+                          machine=platform.platform())
+        print(json.dumps(result), flush=True)
+        results.append(result)
+    return results
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -190,6 +348,21 @@ def build_parser() -> argparse.ArgumentParser:
     enc.add_argument("--unroll-blocks", action="store_true", help="unroll the Swin blocks instead of scanning pairs")
     enc.add_argument("--compile-only", action="store_true", help="report the compile time only")
     enc.set_defaults(func=run_encoder)
+    tr = sub.add_parser("train", help="curriculum train step: time and tokens/s, or AOT memory and FLOPs")
+    tr.add_argument("--preset", default="tiny", choices=["tiny", "0.5b", "1.5b", "3b"])
+    tr.add_argument("--stages", nargs="+", type=int, default=[1, 2], choices=[1, 2, 3])
+    tr.add_argument("--windows", type=int, default=1, help="10 s windows per example")
+    tr.add_argument("--tokens", type=int, default=64, help="text tokens per example")
+    tr.add_argument("--batch", type=int, default=8, help="global rows per step")
+    tr.add_argument("--iters", type=int, default=3, help="timed steps after the warm-up")
+    tr.add_argument("--dtype", default="float32", choices=DTYPES, help="compute dtype")
+    tr.add_argument("--frozen-dtype", default="float32", choices=DTYPES, help="storage dtype of frozen weights")
+    tr.add_argument("--remat", default="none", help="remat policy of the superblock scan (configs: 'full')")
+    tr.add_argument("--data", type=int, default=1)
+    tr.add_argument("--fsdp", type=int, default=-1)
+    tr.add_argument("--tensor", type=int, default=1)
+    tr.add_argument("--aot", action="store_true", help="compile from abstract arrays; memory and FLOPs only")
+    tr.set_defaults(func=run_train)
     gen = sub.add_parser("generate", help="AF2 generation: prefill cost per window count, decode tokens/s per batch")
     gen.add_argument("--preset", default="tiny", choices=["tiny", "0.5b", "1.5b", "3b"])
     gen.add_argument("--batches", type=int, nargs="+", default=[1, 16], help="batch sizes for decode throughput")

@@ -14,6 +14,8 @@ REFERENCE_TRAINABLE_PREFIXES = {1: ("audio_transformer/", "xattn/", "llm/embed_t
 # outputs exactly its bias (0 at init), where ReLU's derivative is 0.
 ZERO_GRADIENT = {f"htsat/patch_embed/fusion_model/{name}/bias" for name in ("global_conv1", "global_bn1",
                                                                              "global_conv2")}
+# ... and BN2's input is then conv2(ReLU(0)) + 0 = 0 for every example, so its running mean stays exactly 0
+CONSTANT_STATS = {"htsat/patch_embed/fusion_model/global_bn2/mean"}
 
 
 @pytest.mark.parametrize("stage", [1, 2])
@@ -34,4 +36,7 @@ def test_only_the_stage_trainable_parameters_change(stage):
     assert stats_after.keys() == stats_before.keys() and stats_before
     assert all(p.startswith("htsat/") for p in stats_before)
     changed_stats = [p for p in stats_after if not (stats_after[p] == stats_before[p]).all()]
-    assert (len(changed_stats) == len(stats_after)) if stage == 2 else not changed_stats
+    if stage == 2:
+        assert set(changed_stats) == set(stats_after) - CONSTANT_STATS
+    else:
+        assert not changed_stats
