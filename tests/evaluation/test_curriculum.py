@@ -62,6 +62,7 @@ def test_curriculum_runs_three_chained_stages_and_reports(tmp_path):
     # 2's shapes (batch 8, one window) so its programs come from the compilation cache: compiling dominates here.
     workdir = tmp_path / "run"
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["XLA_FLAGS"] = "--xla_backend_optimization_level=0"  # one device; compile fast, as tests/conftest.py
     command = [sys.executable, str(REPO / "launch" / "curriculum.py"), "--preset", "tiny", "--workdir", str(workdir),
                "--stage1-steps", "3", "--stage2-steps", "2", "--stage3-steps", "2",
                "--set", "2:optimizer.learning_rate=0.0", "--set", "3:optimizer.learning_rate=0.0",
