@@ -91,7 +91,9 @@ def stage_config(stage: int, preset: str = "tiny") -> ml_collections.ConfigDict:
 def _default_data(stage: int, tiny: bool) -> dict:
     if tiny:
         from af2_jax.data.config import default_synthetic_config
-        return default_synthetic_config("train", stage=stage)
+        data = default_synthetic_config("train", stage=stage)
+        return dict(data, sources=tuple(data["sources"]))
     # Real data: AF2-format dataset JSONs (af2_reference.md section 6 lists the reference's blends); override with
-    # --config.data.sources='[{"kind": "manifest", "path": "...", "weight": 1.0}, ...]' or edit a copy of this file.
-    return {"sources": []}
+    # --config.data.sources='({"kind": "manifest", "path": "...", "weight": 1.0}, ...)' (a tuple: ml_collections
+    # cannot override list fields from the command line) or edit a copy of this file.
+    return {"sources": ()}
