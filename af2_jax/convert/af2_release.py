@@ -37,7 +37,7 @@ from af2_jax.convert.af2_torch import audio_transformer_rules, htsat_rules
 from af2_jax.convert.mapping import (IDENTITY, LINEAR, Alias, ConversionError, Rule, Tensor, Transform,
                                      export_tensors, flatten, import_tensors)
 from af2_jax.convert.qwen2_hf import qwen2_layer_rules
-from af2_jax.convert.tensor_files import SafetensorsSource, TorchFileSource
+from af2_jax.convert.tensor_files import PrefixView, SafetensorsSource, TorchFileSource
 from af2_jax.models.xattn import XAttnConfig
 
 CLAP_PREFIX = "clap.nvclap."
@@ -114,24 +114,18 @@ def af2_rules(config) -> list[Rule]:
 # reading a release
 
 
-class _ClapAudioBranch:
+class _ClapAudioBranch(PrefixView):
     """The AF-CLAP checkpoint's `module.audio_branch.*` entries seen as `clap.nvclap.*`; counts what it ignores."""
 
     def __init__(self, path: Path):
         self.path = path
-        self._file = TorchFileSource(path)
-        all_keys = self._file.keys()
-        self._names = {CLAP_PREFIX + k[len(CLAP_CKPT_PREFIX):]: k for k in all_keys if k.startswith(CLAP_CKPT_PREFIX)}
-        self.ignored = len(all_keys) - len(self._names)
-        if not self._names:
+        file = TorchFileSource(path)
+        super().__init__(file, CLAP_CKPT_PREFIX, CLAP_PREFIX)
+        all_keys = file.keys()
+        self.ignored = len(all_keys) - len(self.keys())
+        if not self.keys():
             raise ConversionError({f"{path}: no '{CLAP_CKPT_PREFIX}*' keys (not an AF-CLAP checkpoint)":
                                    all_keys[:20]})
-
-    def keys(self) -> list[str]:
-        return list(self._names)
-
-    def get(self, key: str) -> np.ndarray:
-        return self._file.get(self._names[key])
 
 
 class _Overlay:
@@ -147,19 +141,6 @@ class _Overlay:
 
     def get(self, key: str) -> np.ndarray:
         return (self.primary if key in self._primary_keys else self.fallback).get(key)
-
-
-class _StripPrefix:
-    """A state dict whose every key starts with `prefix` (e.g. a DDP 'module.'), seen without it."""
-
-    def __init__(self, source, prefix: str):
-        self.source, self.prefix = source, prefix
-
-    def keys(self) -> list[str]:
-        return [k[len(self.prefix):] for k in self.source.keys()]
-
-    def get(self, key: str) -> np.ndarray:
-        return self.source.get(self.prefix + key)
 
 
 def read_chunk_names(metadata_path: Path) -> list[str]:
@@ -194,7 +175,7 @@ def _single_file(path: Path) -> Any:
         raise ValueError(f"{path}: unknown state-dict file type (expected .safetensors or .pt)")
     keys = source.keys()
     if keys and all(k.startswith("module.") for k in keys):
-        source = _StripPrefix(source, "module.")
+        source = PrefixView(source, "module.", "")  # every key has it
     return source
 
 

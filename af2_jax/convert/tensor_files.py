@@ -127,6 +127,22 @@ class ChainSource:
         return value
 
 
+class PrefixView:
+    """The keys of `source` that start with `prefix`, seen with that prefix replaced by `replace_with` (kept when
+    None): one component of a whole-model state dict, a DDP 'module.' stripped, AF-CLAP's audio branch renamed."""
+
+    def __init__(self, source, prefix: str, replace_with: str | None = None):
+        self.source, self.prefix = source, prefix
+        self.replace_with = prefix if replace_with is None else replace_with
+        self._names = {self.replace_with + k[len(prefix):]: k for k in source.keys() if k.startswith(prefix)}
+
+    def keys(self) -> list[str]:
+        return list(self._names)
+
+    def get(self, key: str) -> np.ndarray:
+        return self.source.get(self._names[key])
+
+
 class ShardedSafetensorsWriter:
     """Writes (key, array) pairs into safetensors shards of at most `max_shard_bytes`, plus an HF index json."""
 

@@ -8,7 +8,7 @@ from flax import nnx
 
 from af2_jax.convert import af2_torch
 from af2_jax.convert.mapping import import_tensors, unflatten
-from af2_jax.convert.tensor_files import SafetensorsSource
+from af2_jax.convert.tensor_files import PrefixView, SafetensorsSource
 from af2_jax.models.audio_encoder import encode_audio
 from af2_jax.models.audio_transformer import AudioTransformer, audio_transformer_preset
 from af2_jax.models.htsat import HTSAT, htsat_preset
@@ -16,21 +16,10 @@ from af2_jax.models.htsat import HTSAT, htsat_preset
 TOL = dict(atol=1e-4, rtol=1e-4)  # fixture README: audio-transformer arrays
 
 
-class PrefixSource:
-    def __init__(self, source, prefix):
-        self.source, self.prefix = source, prefix
-
-    def keys(self):
-        return [k for k in self.source.keys() if k.startswith(self.prefix)]
-
-    def get(self, key):
-        return self.source.get(key)
-
-
 def _load(fixture_dir, make, rules, prefix):
     """Builds the module abstractly (no random init) and fills it from the fixture through the conversion table."""
     abstract = nnx.eval_shape(make)
-    source = PrefixSource(SafetensorsSource([fixture_dir / "state_dict.safetensors"]), prefix)
+    source = PrefixView(SafetensorsSource([fixture_dir / "state_dict.safetensors"]), prefix)
     arrays = import_tensors(rules, source, af2_torch.module_targets(abstract))
     graphdef, state = nnx.split(abstract)
     nnx.replace_by_pure_dict(state, unflatten({k: jnp.asarray(v) for k, v in arrays.items()}))

@@ -9,31 +9,18 @@ from flax import nnx
 
 from af2_jax.convert import af2_torch
 from af2_jax.convert.mapping import flatten, import_tensors, unflatten
-from af2_jax.convert.tensor_files import SafetensorsSource
+from af2_jax.convert.tensor_files import PrefixView, SafetensorsSource
 from af2_jax.models.htsat import HTSAT, BatchNorm, htsat_preset
 from af2_jax.models.variables import Buffer
 
 TOL = dict(atol=1e-4, rtol=1e-4)  # fixture README: HTSAT stages and htsat_out
 
 
-class PrefixSource:
-    """The fixture's state dict restricted to one component's keys."""
-
-    def __init__(self, source, prefix):
-        self.source, self.prefix = source, prefix
-
-    def keys(self):
-        return [k for k in self.source.keys() if k.startswith(self.prefix)]
-
-    def get(self, key):
-        return self.source.get(key)
-
-
 def load_reference_htsat(fixture_dir) -> HTSAT:
     """Our HTSAT holding the fixture's weights, read through the conversion table (built abstractly: no random init)."""
     config = htsat_preset("tiny")
     abstract = nnx.eval_shape(lambda: HTSAT(config, rngs=nnx.Rngs(0)))
-    source = PrefixSource(SafetensorsSource([fixture_dir / "state_dict.safetensors"]), "clap.nvclap.")
+    source = PrefixView(SafetensorsSource([fixture_dir / "state_dict.safetensors"]), "clap.nvclap.")
     arrays = import_tensors(af2_torch.htsat_rules(config), source, af2_torch.module_targets(abstract))
     graphdef, state = nnx.split(abstract)
     nnx.replace_by_pure_dict(state, unflatten({k: jnp.asarray(v) for k, v in arrays.items()}))

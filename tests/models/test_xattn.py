@@ -8,23 +8,10 @@ from flax import nnx
 
 from af2_jax.convert import mapping
 from af2_jax.convert.af2_release import xattn_rules
-from af2_jax.convert.tensor_files import SafetensorsSource
+from af2_jax.convert.tensor_files import PrefixView, SafetensorsSource
 from af2_jax.models.xattn import GatedCrossAttentionBlock, XAttnConfig
 
 CONFIG = XAttnConfig(dim=64, dim_audio=128)  # the fixture's shapes (heads 8, dim_head 64, ff_mult 4)
-
-
-class _Only:
-    """The keys of a source under one prefix."""
-
-    def __init__(self, source, prefix):
-        self.source, self.prefix = source, prefix
-
-    def keys(self):
-        return [k for k in self.source.keys() if k.startswith(self.prefix)]
-
-    def get(self, key):
-        return self.source.get(key)
 
 
 def _block_from_fixture(fixture_dir, layer: int) -> GatedCrossAttentionBlock:
@@ -32,7 +19,7 @@ def _block_from_fixture(fixture_dir, layer: int) -> GatedCrossAttentionBlock:
     prefix = f"lang_encoder.model.layers.{layer}.gated_cross_attn_layer_sound."
     flat = mapping.flatten(nnx.state(block).to_pure_dict())
     targets = {k: (v.shape, v.dtype) for k, v in flat.items()}
-    source = _Only(SafetensorsSource([fixture_dir / "state_dict.safetensors"]), prefix)
+    source = PrefixView(SafetensorsSource([fixture_dir / "state_dict.safetensors"]), prefix)
     loaded = mapping.import_tensors(xattn_rules(CONFIG, prefix, ""), source, targets)
     nnx.update(block, mapping.unflatten({k: jnp.asarray(v) for k, v in loaded.items()}))
     return block
