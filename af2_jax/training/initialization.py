@@ -97,6 +97,13 @@ def read_init_from(init_from: str) -> dict[str, np.ndarray]:
     return flat
 
 
+def covers(trees: Mapping[str, Any], flat: Mapping[str, np.ndarray]) -> bool:
+    """Whether `flat` holds an array for every variable of `trees` (name -> nnx.State)."""
+    paths = [path_string(p) for tree in trees.values() for p, _ in jax.tree_util.tree_flatten_with_path(
+        tree, is_leaf=lambda x: isinstance(x, nnx.Variable))[0]]
+    return all(p in flat for p in paths)
+
+
 def apply_params(trees: Mapping[str, Any], shardings: Mapping[str, Any], flat: Mapping[str, np.ndarray], *,
                  require_frozen: bool) -> dict[str, Any]:
     """Replaces the leaves of `trees` (name -> nnx.State: trainable, batch_stats, frozen) found in `flat` by those

@@ -125,15 +125,8 @@ def train(cfg: Any, workdir: str | pathlib.Path, *, make_iterator: Callable[...,
     patterns = tuple(cfg.trainable)
     tx = optimizer.make_optimizer(cfg.optimizer, patterns)
     split, state, frozen, shardings = train_state.create_train_state(
-        make_model, patterns, tx, mesh, initialization.DTYPES[cfg.frozen_param_dtype])
-    if cfg.init_from:
-        loaded = initialization.apply_params(
-            {"trainable": state["trainable"], "batch_stats": state["batch_stats"], "frozen": frozen},
-            {"trainable": shardings[0]["trainable"], "batch_stats": shardings[0]["batch_stats"],
-             "frozen": shardings[1]},
-            initialization.read_init_from(cfg.init_from), require_frozen=True)
-        state = {**state, "trainable": loaded["trainable"], "batch_stats": loaded["batch_stats"]}
-        frozen = loaded["frozen"]
+        make_model, patterns, tx, mesh, initialization.DTYPES[cfg.frozen_param_dtype],
+        params=initialization.read_init_from(cfg.init_from) if cfg.init_from else None)
 
     rows_per_step = cfg.batch_size * cfg.grad_accum_steps
     if rows_per_step % jax.process_count():

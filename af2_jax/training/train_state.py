@@ -12,10 +12,11 @@ the optimizer state; built directly sharded on the mesh (never materialised on o
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -98,13 +99,34 @@ def abstract_train_state(make_model: Callable[[], nnx.Module], trainable_pattern
 
 
 def create_train_state(make_model: Callable[[], nnx.Module], trainable_patterns: Sequence[str],
-                       tx: optax.GradientTransformation, mesh: Mesh, frozen_dtype: Any = jnp.float32):
-    """Randomly initialised train state, created inside jit straight into its shardings on `mesh`.
+                       tx: optax.GradientTransformation, mesh: Mesh, frozen_dtype: Any = jnp.float32,
+                       params: Mapping[str, np.ndarray] | None = None):
+    """The train state created straight into its shardings on `mesh`: random initialisation inside jit, with the
+    arrays of `params` (flat '/'-pathed, see `initialization.apply_params`) laid over it. When `params` holds every
+    variable of the model, no random initialisation is compiled or run at all (a stage starting from the previous
+    one's export).
 
     -> (ModelSplit, state, frozen, shardings) with shardings = (state shardings, frozen shardings).
     """
+    from af2_jax.training import initialization
+
     split, abstract_state, abstract_frozen = abstract_train_state(make_model, trainable_patterns, tx, frozen_dtype)
     shardings = (tree_shardings(abstract_state, mesh), tree_shardings(abstract_frozen, mesh))
+    variable_shardings = {"trainable": shardings[0]["trainable"], "batch_stats": shardings[0]["batch_stats"],
+                          "frozen": shardings[1]}
+
+    def variables(state, frozen):
+        return {"trainable": state["trainable"], "batch_stats": state["batch_stats"], "frozen": frozen}
+
+    if params and initialization.covers(variables(abstract_state, abstract_frozen), params):
+        loaded = initialization.apply_params(variables(abstract_state, abstract_frozen), variable_shardings, params,
+                                             require_frozen=True)
+        with jax.set_mesh(mesh):
+            opt_state = jax.jit(tx.init, out_shardings=shardings[0]["opt_state"])(loaded["trainable"])
+            step = jax.device_put(jnp.zeros((), jnp.int32), shardings[0]["step"])
+        state = {"trainable": loaded["trainable"], "batch_stats": loaded["batch_stats"], "opt_state": opt_state,
+                 "step": step}
+        return split, state, loaded["frozen"], shardings
 
     def init():
         with nnx.use_eager_sharding(False):
@@ -112,4 +134,8 @@ def create_train_state(make_model: Callable[[], nnx.Module], trainable_patterns:
         return state, frozen
     with jax.set_mesh(mesh):
         state, frozen = jax.jit(init, out_shardings=shardings)()
+    if params:
+        loaded = initialization.apply_params(variables(state, frozen), variable_shardings, params, require_frozen=True)
+        state, frozen = {**state, "trainable": loaded["trainable"], "batch_stats": loaded["batch_stats"]}, \
+            loaded["frozen"]
     return split, state, frozen, shardings
