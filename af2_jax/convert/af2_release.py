@@ -284,6 +284,9 @@ def import_release(src: str | Path, *, preset: str | None = None, dtype: Any = N
 
 def export_state_dict(config, params: Mapping[str, Any]):
     """(reference key, numpy array) for the reference's whole state dict, aliases included."""
+    if config.audio_time_embedding:
+        raise ValueError("the model adds an audio time embedding (AF2Config.audio_time_embedding), which NVIDIA's "
+                         "AF2 PyTorch code does not have: there its weights would compute different outputs")
     return export_tensors(af2_rules(config), {k: np.asarray(v) for k, v in params.items()})
 
 

@@ -38,6 +38,9 @@ class AF2Config:
     max_windows: int = 30  # 10 s windows per example (30 = 5 min)
     remat_policy: str = "none"  # af2_jax.models.scan.REMAT_POLICIES, for the superblock scan
     scan_unroll: bool = False
+    # Not in AF2: add a sinusoidal embedding of each audio token's time to HTSAT's output (audio_encoder.py).
+    # Parameter-free, so weights convert either way; off reproduces the reference exactly.
+    audio_time_embedding: bool = False
     # special tokens (af2_reference.md section 5; the tiny fixture uses its own small vocabulary)
     audio_token_id: int = 151665
     eoc_token_id: int = 151666
@@ -122,6 +125,7 @@ class AF2Model(nnx.Module):
                              f"{audio.shape} and {audio_mask.shape}")
         mel = log_mel(audio.astype(jnp.float32))
         return audio_encoder.encode_audio(self.htsat, self.audio_transformer, mel, audio_mask,
+                                          add_time_embedding=self.config.audio_time_embedding,
                                           train_htsat=train_htsat, deterministic=deterministic, rngs=rngs)
 
     def audio_kv(self, media: jax.Array) -> AudioKV:

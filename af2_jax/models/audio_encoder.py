@@ -1,6 +1,12 @@
 """AF2's audio encoder: HTSAT per 10 s window, windows concatenated in order, then the audio transformer.
 
 Mirrors `Flamingo._encode_audio_x`: (B, W, 64, C) -> (B, W*64, C) window-major, the window mask repeated 64x.
+Optionally (`add_time_embedding`, not in AF2) a sinusoidal embedding of each token's time is added before the audio
+transformer. AF2's audio tokens carry no absolute time: HTSAT has no absolute position embedding and the audio
+transformer's RoPE is relative, so "which came first" or "in which minute" must be inferred from relative offsets.
+Later models of the family add explicit time embeddings (RoTE in Music Flamingo / AF3). The tiny curriculum uses it
+(docs/RESULTS.md measures the difference); the real presets keep the reference architecture.
+
 HTSAT sees each example's windows as one reference call (padded windows included), which only matters in
 training mode (per-example batch statistics and fusion window, see af2_jax.models.htsat).
 """
@@ -14,8 +20,23 @@ from af2_jax.models.audio_transformer import AudioTransformer
 from af2_jax.models.htsat import HTSAT
 
 
+TIME_STEPS_PER_WINDOW = 32  # HTSAT's 64 tokens per window = 2 mel halves x 32 time steps (token k = f*32 + t)
+TIME_EMBEDDING_BASE = 10000.0
+
+
+def time_embedding(num_windows: int, dim: int, tokens_per_window: int = 64) -> jax.Array:
+    """(num_windows * tokens_per_window, dim) sinusoids of each token's time step across all windows: token k of
+    window w has time w*32 + k % 32 (both mel halves of a time step share it, ~0.31 s per step). Half the dims are
+    sin(time * f_i), half cos(time * f_i), with f_i = BASE^(-2i/dim)."""
+    k = jnp.arange(num_windows * tokens_per_window)
+    time = (k // tokens_per_window) * TIME_STEPS_PER_WINDOW + (k % tokens_per_window) % TIME_STEPS_PER_WINDOW
+    freqs = TIME_EMBEDDING_BASE ** (-jnp.arange(0, dim, 2, dtype=jnp.float32) / dim)
+    angles = time[:, None].astype(jnp.float32) * freqs[None]
+    return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)[:, :dim]
+
+
 def encode_audio(htsat: HTSAT, audio_transformer: AudioTransformer, mel: jax.Array, window_mask: jax.Array, *,
-                 train_htsat: bool = False, deterministic: bool = True,
+                 add_time_embedding: bool = False, train_htsat: bool = False, deterministic: bool = True,
                  rngs: nnx.Rngs | None = None) -> tuple[jax.Array, jax.Array]:
     """mel (B, W, 1001, 64) log-mel windows, window_mask (B, W) (nonzero = real window) ->
     (audio tokens (B, W*64, C), token mask (B, W*64) as float32).
@@ -32,5 +53,7 @@ def encode_audio(htsat: HTSAT, audio_transformer: AudioTransformer, mel: jax.Arr
     tokens = htsat(mel, train=train_htsat, rngs=rngs)  # (B, W, 64, C)
     per_window = tokens.shape[2]
     tokens = tokens.reshape(b, w * per_window, tokens.shape[-1])
+    if add_time_embedding:
+        tokens = tokens + time_embedding(w, tokens.shape[-1], per_window).astype(tokens.dtype)
     token_mask = jnp.repeat(window_mask.astype(jnp.float32), per_window, axis=1)
     return audio_transformer(tokens, token_mask, deterministic=deterministic, rngs=rngs), token_mask
