@@ -136,6 +136,6 @@ def create_train_state(make_model: Callable[[], nnx.Module], trainable_patterns:
         state, frozen = jax.jit(init, out_shardings=shardings)()
     if params:
         loaded = initialization.apply_params(variables(state, frozen), variable_shardings, params, require_frozen=True)
-        state, frozen = {**state, "trainable": loaded["trainable"], "batch_stats": loaded["batch_stats"]}, \
-            loaded["frozen"]
+        state = {**state, "trainable": loaded["trainable"], "batch_stats": loaded["batch_stats"]}
+        frozen = loaded["frozen"]
     return split, state, frozen, shardings
