@@ -90,7 +90,7 @@ def test_curriculum_runs_three_chained_stages_and_reports(tmp_path):
     results = report.read_json(workdir / "results.json")
     assert results["plot"] == str(workdir / "training_curves.png")
     assert set(results["evaluations"]) == {"2", "3"}
-    short = {"count", "order", "pitch", "timbre", "loudness", "duration", "caption"}
+    short = {"count", "order", "pitch"}  # the skills the issue asks the tiny curriculum to teach
     assert set(results["evaluations"]["2"]["tasks"]) == short
     assert set(results["evaluations"]["3"]["tasks"]) == short | {"long_when", "long_count"}
     for s in ("2", "3"):
