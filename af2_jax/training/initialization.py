@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from af2_jax.training.stages import path_string
+from af2_jax.training.stages import path_string, variable_paths
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 RUN_CONFIG_FILE = "config.json"  # the run's ml_collections config, written into its workdir
@@ -100,9 +100,7 @@ def read_init_from(init_from: str) -> dict[str, np.ndarray]:
 
 def covers(trees: Mapping[str, Any], flat: Mapping[str, np.ndarray]) -> bool:
     """Whether `flat` holds an array for every variable of `trees` (name -> nnx.State)."""
-    paths = [path_string(p) for tree in trees.values() for p, _ in jax.tree_util.tree_flatten_with_path(
-        tree, is_leaf=lambda x: isinstance(x, nnx.Variable))[0]]
-    return all(p in flat for p in paths)
+    return all(p in flat for tree in trees.values() for p in variable_paths(tree))
 
 
 def apply_params(trees: Mapping[str, Any], shardings: Mapping[str, Any], flat: Mapping[str, np.ndarray], *,

@@ -35,6 +35,12 @@ def path_string(path: Sequence[Any]) -> str:
     return "/".join(parts)
 
 
+def variable_paths(tree: Any) -> list[str]:
+    """The '/'-paths of every nnx.Variable in `tree` (an nnx.State or a pytree holding Variables)."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: isinstance(x, nnx.Variable))[0]
+    return [path_string(p) for p, _ in leaves]
+
+
 class PathMatcher:
     """True for '/'-joined paths fully matching any of `patterns`."""
 

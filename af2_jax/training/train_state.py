@@ -22,7 +22,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from af2_jax import sharding as shd
-from af2_jax.training import stages
+from af2_jax.training import initialization, stages
 
 TrainState = dict  # {'trainable': nnx.State, 'batch_stats': nnx.State, 'opt_state': optax state, 'step': int32}
 
@@ -91,10 +91,7 @@ def abstract_train_state(make_model: Callable[[], nnx.Module], trainable_pattern
             out["split"] = split
             return state, frozen
         state, frozen = jax.eval_shape(build)
-    param_paths = [stages.path_string(p) for p, _ in
-                   jax.tree_util.tree_flatten_with_path(nnx.merge_state(state["trainable"], frozen),
-                                                        is_leaf=lambda x: isinstance(x, nnx.Variable))[0]]
-    stages.check_patterns_match(trainable_patterns, param_paths)
+    stages.check_patterns_match(trainable_patterns, stages.variable_paths(nnx.merge_state(state["trainable"], frozen)))
     return out["split"], state, frozen
 
 
@@ -108,34 +105,29 @@ def create_train_state(make_model: Callable[[], nnx.Module], trainable_patterns:
 
     -> (ModelSplit, state, frozen, shardings) with shardings = (state shardings, frozen shardings).
     """
-    from af2_jax.training import initialization
-
     split, abstract_state, abstract_frozen = abstract_train_state(make_model, trainable_patterns, tx, frozen_dtype)
     shardings = (tree_shardings(abstract_state, mesh), tree_shardings(abstract_frozen, mesh))
-    variable_shardings = {"trainable": shardings[0]["trainable"], "batch_stats": shardings[0]["batch_stats"],
-                          "frozen": shardings[1]}
 
     def variables(state, frozen):
         return {"trainable": state["trainable"], "batch_stats": state["batch_stats"], "frozen": frozen}
 
-    if params and initialization.covers(variables(abstract_state, abstract_frozen), params):
-        loaded = initialization.apply_params(variables(abstract_state, abstract_frozen), variable_shardings, params,
-                                             require_frozen=True)
+    complete = bool(params) and initialization.covers(variables(abstract_state, abstract_frozen), params)
+    if complete:
+        state, frozen = abstract_state, abstract_frozen  # every leaf is replaced below
+    else:
+        def init():
+            with nnx.use_eager_sharding(False):
+                _, state, frozen = _build(make_model, trainable_patterns, tx, frozen_dtype)
+            return state, frozen
         with jax.set_mesh(mesh):
-            opt_state = jax.jit(tx.init, out_shardings=shardings[0]["opt_state"])(loaded["trainable"])
-            step = jax.device_put(jnp.zeros((), jnp.int32), shardings[0]["step"])
-        state = {"trainable": loaded["trainable"], "batch_stats": loaded["batch_stats"], "opt_state": opt_state,
-                 "step": step}
-        return split, state, loaded["frozen"], shardings
-
-    def init():
-        with nnx.use_eager_sharding(False):
-            _, state, frozen = _build(make_model, trainable_patterns, tx, frozen_dtype)
-        return state, frozen
-    with jax.set_mesh(mesh):
-        state, frozen = jax.jit(init, out_shardings=shardings)()
+            state, frozen = jax.jit(init, out_shardings=shardings)()
     if params:
-        loaded = initialization.apply_params(variables(state, frozen), variable_shardings, params, require_frozen=True)
+        loaded = initialization.apply_params(variables(state, frozen), variables(*shardings), params,
+                                             require_frozen=True)
         state = {**state, "trainable": loaded["trainable"], "batch_stats": loaded["batch_stats"]}
         frozen = loaded["frozen"]
+    if complete:  # the optimizer state of the loaded weights
+        with jax.set_mesh(mesh):
+            state["opt_state"] = jax.jit(tx.init, out_shardings=shardings[0]["opt_state"])(state["trainable"])
+            state["step"] = jax.device_put(jnp.zeros((), jnp.int32), shardings[0]["step"])
     return split, state, frozen, shardings
