@@ -20,16 +20,17 @@ from af2_jax.models.audio_transformer import AudioTransformer
 from af2_jax.models.htsat import HTSAT
 
 
-TIME_STEPS_PER_WINDOW = 32  # HTSAT's 64 tokens per window = 2 mel halves x 32 time steps (token k = f*32 + t)
 TIME_EMBEDDING_BASE = 10000.0
 
 
 def time_embedding(num_windows: int, dim: int, tokens_per_window: int = 64) -> jax.Array:
-    """(num_windows * tokens_per_window, dim) sinusoids of each token's time step across all windows: token k of
-    window w has time w*32 + k % 32 (both mel halves of a time step share it, ~0.31 s per step). Half the dims are
-    sin(time * f_i), half cos(time * f_i), with f_i = BASE^(-2i/dim)."""
+    """(num_windows * tokens_per_window, dim) sinusoids of each token's time step across all windows. HTSAT's
+    tokens of a window are 2 mel halves x S time steps (token k = f*S + t, S = tokens_per_window / 2, ~0.31 s per
+    step), so token k of window w has time w*S + k % S. Half the dims are sin(time * f_i), half cos(time * f_i),
+    with f_i = BASE^(-2i/dim)."""
+    steps = tokens_per_window // 2
     k = jnp.arange(num_windows * tokens_per_window)
-    time = (k // tokens_per_window) * TIME_STEPS_PER_WINDOW + (k % tokens_per_window) % TIME_STEPS_PER_WINDOW
+    time = (k // tokens_per_window) * steps + k % steps
     freqs = TIME_EMBEDDING_BASE ** (-jnp.arange(0, dim, 2, dtype=jnp.float32) / dim)
     angles = time[:, None].astype(jnp.float32) * freqs[None]
     return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)[:, :dim]
