@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+import jax
 import optax
 
 from af2_jax.training import stages
@@ -19,13 +20,33 @@ def learning_rate_schedule(cfg: Any) -> optax.Schedule:
         [cfg.warmup_steps])
 
 
+def learning_rate_multipliers(multipliers: Sequence[Sequence[Any]]) -> optax.GradientTransformation:
+    """Scales the updates of the parameters whose path matches a pattern: `((pattern, factor), ...)`, the first
+    matching pattern wins. After AdamW this is a per-group learning rate (weight decay scaled with it, as a torch
+    param group's `lr`)."""
+    rules = [(stages.PathMatcher([pattern]), float(factor)) for pattern, factor in multipliers]
+
+    def factors(tree):
+        def factor(path, _):
+            path = stages.path_string([p for p in path if getattr(p, "name", None) != "value"])
+            return next((f for match, f in rules if match(path)), 1.0)
+        return jax.tree_util.tree_map_with_path(factor, tree)
+
+    def update(updates, state, params=None):
+        return jax.tree.map(lambda u, f: u if f == 1.0 else u * f, updates, factors(updates)), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def make_optimizer(cfg: Any, trainable_patterns: Sequence[str]) -> optax.GradientTransformation:
     """`cfg` is the config's `optimizer` block (learning_rate, warmup_steps, weight_decay, b1, b2, eps,
-    clip_grad_norm). Works on the trainable subset (the train step's case: every leaf is 'train') as well as on
-    the full parameter tree (frozen leaves then get no state and zero updates)."""
+    clip_grad_norm, optional learning_rate_multipliers). Works on the trainable subset (the train step's case:
+    every leaf is 'train') as well as on the full parameter tree (frozen leaves then get no state and zero
+    updates)."""
     train = optax.chain(
         optax.clip_by_global_norm(cfg.clip_grad_norm) if cfg.clip_grad_norm > 0 else optax.identity(),
         optax.adamw(learning_rate_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay),
+        learning_rate_multipliers(cfg.get("learning_rate_multipliers", ()) or ()),
     )
     return optax.multi_transform({stages.TRAIN: train, stages.FROZEN: optax.set_to_zero()},
                                  stages.param_labels(trainable_patterns))

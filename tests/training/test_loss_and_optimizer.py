@@ -84,3 +84,19 @@ def test_stage_patterns_select_the_reference_modules():
     assert [s1(p) for p in paths] == [False, True, True, True, False, False, False]
     assert [s2(p) for p in paths] == [True, True, True, True, False, False, False]
     assert stages.STAGE_TRAINABLE[3] == stages.STAGE_TRAINABLE[2]
+
+
+def test_learning_rate_multipliers_scale_matching_groups_like_a_torch_param_group_lr():
+    params = {"llm": {"embed_tokens": {"embedding": jnp.full((3, 2), 0.5)}}, "xattn": {"q": jnp.full((2, 2), -1.0)}}
+    grads = {"llm": {"embed_tokens": {"embedding": jnp.full((3, 2), 0.01)}}, "xattn": {"q": jnp.full((2, 2), -0.02)}}
+    cfg = _opt_config(learning_rate=1e-2, warmup_steps=0, learning_rate_multipliers=(("llm/embed_tokens/.*", 10.0),))
+    tx = optimizer.make_optimizer(cfg, stages.STAGE1)
+    updates, _ = tx.update(grads, tx.init(params), params)
+
+    def adamw_first_step(g, p, lr):  # bias-corrected moments on step 1 are g and g^2 (numpy float64)
+        g, p = np.float64(g), np.float64(p)
+        return -lr * (g / (abs(g) + 1e-8) + 0.1 * p)
+
+    np.testing.assert_allclose(np.asarray(updates["llm"]["embed_tokens"]["embedding"]),
+                               adamw_first_step(0.01, 0.5, 1e-1), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(updates["xattn"]["q"]), adamw_first_step(-0.02, -1.0, 1e-2), rtol=1e-5)
