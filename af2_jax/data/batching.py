@@ -3,8 +3,9 @@
 Keys and dtypes (the train and eval steps rely on exactly these):
   audio (B, W, 160000) float32, audio_mask (B, W) float32,
   input_ids (B, T) int32, attention_mask (B, T) int32, loss_mask (B, T) float32,
-where W = the largest window count in the batch (padded windows are zeros with mask 0, as the reference's
-collator) and T = max_tokens for every batch (a fixed text length avoids recompiling).
+where W = the largest window count in the batch, or `num_windows` (a window bucket) when given (padded windows are
+zeros with mask 0, as the reference's collator) and T = max_tokens for every batch (a fixed text length avoids
+recompiling).
 """
 from __future__ import annotations
 
@@ -15,10 +16,11 @@ import numpy as np
 BATCH_KEYS = ("audio", "audio_mask", "input_ids", "attention_mask", "loss_mask")
 
 
-def collate(examples: Sequence[dict], *, pad_id: int, max_tokens: int) -> dict[str, np.ndarray]:
+def collate(examples: Sequence[dict], *, pad_id: int, max_tokens: int,
+            num_windows: int | None = None) -> dict[str, np.ndarray]:
     from af2_jax.audio.windows import pad_batch
 
-    audio, audio_mask = pad_batch([e["windows"] for e in examples])
+    audio, audio_mask = pad_batch([e["windows"] for e in examples], num_windows)
     n = len(examples)
     input_ids = np.full((n, max_tokens), pad_id, np.int32)
     attention_mask = np.zeros((n, max_tokens), np.int32)

@@ -3,6 +3,9 @@
 Audio is padded to the largest window count in a batch, so mixing a 10 s clip with a 5 min one wastes 29 windows
 of encoder compute. This iterator keeps a few decoded examples pending, grouped by window count, and emits a batch
 as soon as one group is full; if too many are pending it emits the oldest example with its nearest neighbours.
+With `window_buckets` (e.g. (1, 3, 6, 12, 30)) examples are grouped by the smallest bucket that holds them and padded
+to it, so the train step compiles once per bucket rather than once per window count (each compile costs seconds on
+CPU, minutes at scale), at the price of some padded windows.
 
 It reads its parent `MapDataset` by index, so its state is just (next index, pending indices, unreported skips):
 restoring re-decodes the pending examples, which are pure functions of their index. Under `mp_prefetch` each
@@ -27,10 +30,13 @@ class BucketBatchIterDataset(grain.IterDataset):
     """Batches of `batch_size` examples from a MapDataset of examples (or `Skipped` markers, or None)."""
 
     def __init__(self, parent: grain.MapDataset, *, batch_size: int, pad_id: int, max_tokens: int,
-                 max_pending: int | None = None, drop_remainder: bool = True):
+                 max_pending: int | None = None, drop_remainder: bool = True, window_buckets=()):
         super().__init__(parent)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self._window_buckets = tuple(sorted(int(b) for b in window_buckets))
+        if self._window_buckets and self._window_buckets[0] < 1:
+            raise ValueError(f"window_buckets must be >= 1, got {window_buckets}")
         self._batch_size = batch_size
         self._pad_id = pad_id
         self._max_tokens = max_tokens
@@ -44,7 +50,7 @@ class BucketBatchIterDataset(grain.IterDataset):
     def __iter__(self) -> "BucketBatchIterator":
         return BucketBatchIterator(self._parent, batch_size=self._batch_size, pad_id=self._pad_id,
                                    max_tokens=self._max_tokens, max_pending=self._max_pending,
-                                   drop_remainder=self._drop_remainder)
+                                   drop_remainder=self._drop_remainder, window_buckets=self._window_buckets)
 
     def __str__(self) -> str:
         return f"BucketBatchIterDataset(batch_size={self._batch_size}, max_pending={self._max_pending})"
@@ -52,7 +58,8 @@ class BucketBatchIterDataset(grain.IterDataset):
 
 class BucketBatchIterator(grain.DatasetIterator):
 
-    def __init__(self, source: grain.MapDataset, *, batch_size, pad_id, max_tokens, max_pending, drop_remainder):
+    def __init__(self, source: grain.MapDataset, *, batch_size, pad_id, max_tokens, max_pending, drop_remainder,
+                 window_buckets=()):
         super().__init__()
         self._source = source
         self._length = len(source)
@@ -61,6 +68,7 @@ class BucketBatchIterator(grain.DatasetIterator):
         self._max_tokens = max_tokens
         self._max_pending = max_pending
         self._drop_remainder = drop_remainder
+        self._window_buckets = tuple(window_buckets)
         self._next_index = 0
         self._pending: list[tuple[int, dict]] = []  # (source index, example), oldest first
         self._skipped: list[list[str]] = []  # [record id, reason] not yet reported with a batch
@@ -87,7 +95,9 @@ class BucketBatchIterator(grain.DatasetIterator):
             self._pending.append((index, item))
 
     def _windows_at(self, position: int) -> int:
-        return self._pending[position][1]["windows"].shape[0]
+        """The padded window count of a pending example: its bucket, or its own count (none, or beyond the last)."""
+        count = self._pending[position][1]["windows"].shape[0]
+        return next((b for b in self._window_buckets if b >= count), count)
 
     def _choose_batch(self) -> list[int] | None:
         """Positions in `_pending` of the next batch, or None to keep reading."""
@@ -106,8 +116,9 @@ class BucketBatchIterator(grain.DatasetIterator):
     def _emit(self, positions: list[int]) -> dict[str, Any]:
         chosen = set(positions)
         examples = [self._pending[p][1] for p in positions]
+        num_windows = max(self._windows_at(p) for p in positions)
         self._pending = [item for p, item in enumerate(self._pending) if p not in chosen]
-        batch = collate(examples, pad_id=self._pad_id, max_tokens=self._max_tokens)
+        batch = collate(examples, pad_id=self._pad_id, max_tokens=self._max_tokens, num_windows=num_windows)
         batch[SKIPPED_KEY] = self._skipped
         batch[REAL_WINDOWS_KEY] = np.int64(sum(e["windows"].shape[0] for e in examples))
         self._skipped = []

@@ -61,7 +61,7 @@ def make_record_dataset(data_config, *, seed: int, process_index: int = 0, proce
 def make_dataset(data_config, tokenizer, *, seed: int, batch_size: int, max_windows: int, max_tokens: int,
                  process_index: int = 0, process_count: int = 1, num_workers: int = 0, epochs: int | None = None,
                  shuffle: bool = True, drop_remainder: bool = True, max_pending: int | None = None,
-                 worker_buffer_size: int = 2) -> grain.IterDataset:
+                 worker_buffer_size: int = 2, window_buckets=()) -> grain.IterDataset:
     """The per-process stream of batches (`batch_size` is per process). See the module docstring."""
     ds = make_record_dataset(data_config, seed=seed, process_index=process_index, process_count=process_count,
                              epochs=epochs, shuffle=shuffle)
@@ -69,7 +69,7 @@ def make_dataset(data_config, tokenizer, *, seed: int, batch_size: int, max_wind
                                   max_tokens=max_tokens))
     ds = bucketing.BucketBatchIterDataset(ds, batch_size=batch_size, pad_id=tokenizer.pad_id,
                                           max_tokens=max_tokens, max_pending=max_pending,
-                                          drop_remainder=drop_remainder)
+                                          drop_remainder=drop_remainder, window_buckets=window_buckets)
     if num_workers > 0:
         ensure_absl_flags_parsed()
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers,

@@ -110,9 +110,10 @@ def _fake_examples(window_counts):
     return examples
 
 
-def _bucketed(counts, batch_size=2, max_pending=None):
+def _bucketed(counts, batch_size=2, max_pending=None, window_buckets=()):
     ds = bucketing.BucketBatchIterDataset(grain.MapDataset.source(_fake_examples(counts)), batch_size=batch_size,
-                                          pad_id=0, max_tokens=4, max_pending=max_pending)
+                                          pad_id=0, max_tokens=4, max_pending=max_pending,
+                                          window_buckets=window_buckets)
     return pipeline.AccountingIterDataset(ds)
 
 
@@ -135,6 +136,26 @@ def test_batches_pad_to_their_largest_window_count_and_group_similar_lengths():
     mixed = iter(_bucketed([1, 3, 1, 3], batch_size=2, max_pending=2))
     list(mixed)
     assert mixed.padding_fraction == pytest.approx(4 / 12)  # forced out early: two [1, 3] batches, 2 x 3 windows
+
+
+def test_window_buckets_group_and_pad_to_the_smallest_bucket_that_holds_the_clips():
+    counts = [1, 5, 2, 4, 1, 6, 3, 2, 8, 3, 6, 8]  # every bucket fills whole batches: nothing left at the end
+    buckets = (1, 3, 6)  # 8 windows lie beyond the last bucket: padded to the batch's largest count
+    it = iter(_bucketed(counts, batch_size=2, max_pending=12, window_buckets=buckets))
+    widths, seen = [], []
+    for batch in it:
+        rows = [int(r[0, 0]) - 1 for r in batch["audio"]]
+        seen += rows
+        largest = max(counts[i] for i in rows)
+        expected = min([b for b in buckets if b >= largest], default=largest)
+        assert batch["audio"].shape[1] == expected
+        for row, mask, index in zip(batch["audio"], batch["audio_mask"], rows):
+            n = counts[index]
+            assert np.array_equal(mask, (np.arange(expected) < n).astype(np.float32)) and not row[n:].any()
+        widths.append(expected)
+    assert sorted(seen) == list(range(len(counts)))
+    assert sorted(set(widths)) == [1, 3, 6, 8]  # 4 compiled shapes for 6 distinct counts
+    assert it.padding_fraction == pytest.approx(1 - sum(counts) / sum(2 * w for w in widths))
 
 
 def test_resume_restores_pending_buckets():
