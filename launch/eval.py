@@ -30,6 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skills", default="short",
                    help="synthetic skills: short | long | all | a comma-separated list (default: short)")
     p.add_argument("--seed", type=int, default=0, help="synthetic dataset seed (the training runs use 0)")
+    p.add_argument("--mcq-probability", type=float, default=None,
+                   help="synthetic: share of questions asked MMAU-style with lettered options (default: the "
+                        "generator's 0.3; the tiny curriculum trains and tests with 0)")
     p.add_argument("--audio-root", default=None, help="manifest: directory the audio paths are relative to")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: beside the model, else the "
                                                      "training run's, else the synthetic tokenizer)")
@@ -61,12 +64,14 @@ def load_test_set(args):
         if args.num_examples is not None:
             records = records[: args.num_examples]
         return records, {"source": "manifest", "path": os.path.abspath(args.manifest)}
-    from af2_jax.data.synthetic import SyntheticSource
+    from af2_jax.data.synthetic import MCQ_PROBABILITY, SyntheticSource
 
     skills = synthetic_skills(args.skills)
     count = args.num_examples if args.num_examples is not None else 20 * len(skills)
-    source = SyntheticSource(args.synthetic_split, count, seed=args.seed, skills=skills)
-    return source, {"source": "synthetic", "split": args.synthetic_split, "seed": args.seed, "skills": list(skills)}
+    mcq = MCQ_PROBABILITY if args.mcq_probability is None else args.mcq_probability
+    source = SyntheticSource(args.synthetic_split, count, seed=args.seed, skills=skills, mcq_probability=mcq)
+    return source, {"source": "synthetic", "split": args.synthetic_split, "seed": args.seed, "skills": list(skills),
+                    "mcq_probability": mcq}
 
 
 def run(args) -> dict:

@@ -4,7 +4,7 @@
 
 Kind fields (docs/DATA.md has the full table):
   synthetic:   split ('train' | 'test'), num_examples, skills (list of names), seed (the data's identity, not
-               the shuffle's; default 0)
+               the shuffle's; default 0), mcq_probability (share of questions asked MMAU-style; default 0.3)
   manifest:    path (an AF2 dataset JSON), audio_root (optional), dataset (optional name), strict (default False)
   jsonl:       path, audio_root, dataset, strict
   arrayrecord: path (a folder written by af2_jax.data.tfds_builder, or one .array_record file)
@@ -23,6 +23,10 @@ DEFAULT_TEST_EXAMPLES = 512
 # tiny model a few thousand examples, and every added skill divides them. The other skills stay available through
 # data.sources.
 CURRICULUM_SHORT_SKILLS = ("count", "order", "pitch")
+# The tiny curriculum asks its questions open-form. Picking the letter of a shuffled "(a) ... (b) ..." list is a
+# language skill AF2 inherits from its pretrained Qwen2.5; the tiny LLM is random and frozen, and could not learn it
+# (measured in docs/RESULTS.md: every lettered answer a coin flip, even with the LLM trainable for 2000 steps).
+CURRICULUM_MCQ_PROBABILITY = 0.0
 
 
 def as_dict(config: Any) -> dict:
@@ -64,7 +68,7 @@ def default_synthetic_config(split: str = "train", *, stage: int = 1, num_exampl
         raise ValueError(f"stage must be 1, 2 or 3, got {stage}")
     n = num_examples or (DEFAULT_TRAIN_EXAMPLES if split == "train" else DEFAULT_TEST_EXAMPLES)
     short = {"kind": "synthetic", "split": split, "skills": list(CURRICULUM_SHORT_SKILLS), "num_examples": n,
-             "seed": seed, "weight": 1.0}
+             "seed": seed, "mcq_probability": CURRICULUM_MCQ_PROBABILITY, "weight": 1.0}
     if stage < 3:
         return {"sources": [short]}
     long = dict(short, skills=list(synthetic.LONG_SKILLS), seed=seed + 1)

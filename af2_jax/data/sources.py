@@ -10,10 +10,11 @@ def make_source(source: dict):
     """One source entry -> a sequence of record dicts (`__len__` + `__getitem__`)."""
     kind = source["kind"]
     if kind == "synthetic":
-        from af2_jax.data.synthetic import SHORT_SKILLS, SyntheticSource
+        from af2_jax.data.synthetic import MCQ_PROBABILITY, SHORT_SKILLS, SyntheticSource
 
         return SyntheticSource(source.get("split", "train"), int(source.get("num_examples", 10000)),
-                               seed=int(source.get("seed", 0)), skills=tuple(source.get("skills") or SHORT_SKILLS))
+                               seed=int(source.get("seed", 0)), skills=tuple(source.get("skills") or SHORT_SKILLS),
+                               mcq_probability=float(source.get("mcq_probability", MCQ_PROBABILITY)))
     if kind in ("manifest", "jsonl"):
         from af2_jax.data import manifests
 

@@ -112,9 +112,9 @@ def _finish(clip: np.ndarray) -> np.ndarray:
     return (clip / peak * 0.9 if peak > 0 else clip).astype(np.float32)
 
 
-def _mcq(rng, prompt: str, answer: str, choices: tuple[str, ...]):
-    """With some probability, turn the question into AF2's multiple-choice style; the answer becomes '(x) ...'."""
-    if rng.random() >= MCQ_PROBABILITY:
+def _mcq(rng, prompt: str, answer: str, choices: tuple[str, ...], probability: float):
+    """With `probability`, turn the question into AF2's multiple-choice style; the answer becomes '(x) ...'."""
+    if rng.random() >= probability:
         return prompt, answer, list(choices)
     order = [choices[j] for j in rng.permutation(len(choices))]
     letters = "abcdefgh"
@@ -143,7 +143,7 @@ def _order(rng):
     named = ("the beep", "the noise") if rng.integers(2) else ("the noise", "the beep")
     prompt = f"which came first, {named[0]} or {named[1]}?"
     answer = "the beep" if beep_first else "the noise"
-    return (clip, *_mcq(rng, prompt, answer, ("the beep", "the noise")))
+    return clip, prompt, answer, ("the beep", "the noise")
 
 
 def _pitch(rng):
@@ -157,7 +157,7 @@ def _pitch(rng):
     _place(clip, tone(f1, 0.6), a)
     _place(clip, tone(f2, 0.6), b)
     prompt = "is the second tone higher or lower than the first?"
-    return (clip, *_mcq(rng, prompt, "higher" if higher else "lower", ("higher", "lower")))
+    return clip, prompt, "higher" if higher else "lower", ("higher", "lower")
 
 
 def _timbre(rng):
@@ -168,7 +168,7 @@ def _timbre(rng):
     notes = int(rng.integers(2, 4))
     for s in _spaced_starts(rng, notes, clip_s, 0.7, 0.2):
         _place(clip, tone(float(rng.uniform(220.0, 660.0)), 0.7, timbre), s)
-    return (clip, *_mcq(rng, "which instrument plays?", INSTRUMENTS[k], INSTRUMENTS))
+    return clip, "which instrument plays?", INSTRUMENTS[k], INSTRUMENTS
 
 
 def _loudness(rng):
@@ -232,7 +232,7 @@ def _long_when(rng):
     last_start = min(clip_s, (minute + 1) * 60.0) - 5.0  # 5 s away from minute edges: no ambiguous answers
     _place(clip, whistle(), float(rng.uniform(minute * 60.0 + 5.0, last_start)))
     answers = tuple(f"the {w} minute" for w in ORDINAL_WORDS)
-    return (clip, *_mcq(rng, "in which minute does the whistle occur?", answers[minute], answers[:minutes]))
+    return clip, "in which minute does the whistle occur?", answers[minute], answers[:minutes]
 
 
 def _long_count(rng):
@@ -248,11 +248,14 @@ SKILLS: dict[str, Callable] = {
     "count": _count, "order": _order, "pitch": _pitch, "timbre": _timbre, "loudness": _loudness,
     "duration": _duration, "caption": _caption, "long_when": _long_when, "long_count": _long_count,
 }
+MCQ_SKILLS = ("order", "pitch", "timbre", "long_when")  # asked MMAU-style with probability `mcq_probability`
 
 
 # ---------------------------------------------------------------------------------------------------------- dataset
-def generate(seed: int, split: str, index: int, skills=SHORT_SKILLS) -> dict:
-    """Example `index` of `split`: a record with the waveform, prompt, answer, skill and its closed answer set."""
+def generate(seed: int, split: str, index: int, skills=SHORT_SKILLS,
+             mcq_probability: float = MCQ_PROBABILITY) -> dict:
+    """Example `index` of `split`: a record with the waveform, prompt, answer, skill and its closed answer set.
+    `mcq_probability` changes only the question's form (the draw is made either way), never the audio."""
     if split not in SPLIT_CODES:
         raise ValueError(f"synthetic split must be one of {sorted(SPLIT_CODES)}, got {split!r}")
     skills = tuple(skills)
@@ -261,9 +264,13 @@ def generate(seed: int, split: str, index: int, skills=SHORT_SKILLS) -> dict:
         raise ValueError(f"unknown synthetic skills {unknown} (known: {list(SKILLS)})")
     if index < 0:
         raise IndexError(f"synthetic index must be >= 0, got {index}")
+    if not 0.0 <= mcq_probability <= 1.0:
+        raise ValueError(f"mcq_probability must be in [0, 1], got {mcq_probability}")
     skill = skills[index % len(skills)]  # round robin: every skill equally represented in any window of examples
     rng = np.random.default_rng([int(seed), SPLIT_CODES[split], int(index)])
     clip, prompt, answer, choices = SKILLS[skill](rng)
+    if skill in MCQ_SKILLS:
+        prompt, answer, choices = _mcq(rng, prompt, answer, choices, mcq_probability)
     waveform = _finish(clip)
     return {
         "id": f"synthetic-{split}-{seed}-{index}",
@@ -282,11 +289,13 @@ def generate(seed: int, split: str, index: int, skills=SHORT_SKILLS) -> dict:
 class SyntheticSource:
     """A random-access source of `num_examples` synthetic records (what `grain.MapDataset.source` takes)."""
 
-    def __init__(self, split: str = "train", num_examples: int = 10000, *, seed: int = 0, skills=SHORT_SKILLS):
+    def __init__(self, split: str = "train", num_examples: int = 10000, *, seed: int = 0, skills=SHORT_SKILLS,
+                 mcq_probability: float = MCQ_PROBABILITY):
         if num_examples < 1:
             raise ValueError(f"num_examples must be >= 1, got {num_examples}")
-        generate(seed, split, 0, skills)  # validate the arguments now, not in a worker
+        generate(seed, split, 0, skills, mcq_probability)  # validate the arguments now, not in a worker
         self.split, self.num_examples, self.seed, self.skills = split, int(num_examples), int(seed), tuple(skills)
+        self.mcq_probability = float(mcq_probability)
 
     def __len__(self) -> int:
         return self.num_examples
@@ -294,10 +303,11 @@ class SyntheticSource:
     def __getitem__(self, index: int) -> dict:
         if not 0 <= index < self.num_examples:
             raise IndexError(f"synthetic index {index} out of range [0, {self.num_examples})")
-        return generate(self.seed, self.split, index, self.skills)
+        return generate(self.seed, self.split, index, self.skills, self.mcq_probability)
 
     def __repr__(self) -> str:
-        return f"SyntheticSource(split={self.split!r}, n={self.num_examples}, seed={self.seed}, skills={self.skills})"
+        return (f"SyntheticSource(split={self.split!r}, n={self.num_examples}, seed={self.seed}, skills={self.skills}, "
+                f"mcq_probability={self.mcq_probability})")
 
 
 def vocabulary_texts() -> list[str]:

@@ -36,6 +36,22 @@ def test_examples_are_pure_functions_of_seed_split_index():
     assert not np.array_equal(other_seed["waveform"], late_first[0]["waveform"])
 
 
+def test_mcq_probability_changes_the_question_form_only():
+    skills = synthetic.MCQ_SKILLS
+    for i in range(8):
+        forms = {p: synthetic.generate(5, "train", i, skills, mcq_probability=p) for p in (0.0, 1.0)}
+        default = synthetic.generate(5, "train", i, skills)
+        assert np.array_equal(forms[0.0]["waveform"], forms[1.0]["waveform"])
+        assert np.array_equal(forms[0.0]["waveform"], default["waveform"])
+        assert "(a)" not in forms[0.0]["prompt"] and forms[0.0]["answer"] in forms[0.0]["choices"]
+        lettered = forms[1.0]
+        assert synthetic.MCQ_INTRO in lettered["prompt"] and lettered["answer"].startswith("(")
+        assert lettered["answer"][4:] == forms[0.0]["answer"]  # '(x) ' + the open-form answer
+        assert default["prompt"] in (forms[0.0]["prompt"], lettered["prompt"])
+    with pytest.raises(ValueError, match="mcq_probability"):
+        synthetic.SyntheticSource("train", 4, mcq_probability=1.5)
+
+
 def test_train_and_test_never_share_an_example():
     def digests(split):
         return {hashlib.sha1(synthetic.generate(0, split, i)["waveform"].tobytes()).hexdigest() for i in range(150)}

@@ -68,7 +68,8 @@ def test_eval_cli_writes_consistent_results(tiny_model_dir, tmp_path, capsys):
     predictions = payload["predictions"]
     assert [p["id"] for p in predictions] == [records[i]["id"] for i in range(NUM_EXAMPLES)]
     assert payload["metadata"]["data"] == {"source": "synthetic", "split": "test", "seed": 0,
-                                           "skills": list(records.skills), "num_examples": NUM_EXAMPLES}
+                                           "skills": list(records.skills), "num_examples": NUM_EXAMPLES,
+                                           "mcq_probability": records.mcq_probability}
     assert payload["settings"] == {"batch_size": 8, "max_windows": 2}
     assert payload["metadata"]["sampling"]["max_new_tokens"] == 6
     for p, i in zip(predictions, range(NUM_EXAMPLES)):
