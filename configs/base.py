@@ -17,22 +17,29 @@ STAGE_TRAINABLE = {  # mirrors af2_jax.training.stages (kept literal so configs 
 }
 STAGE_TRAINABLE[3] = STAGE_TRAINABLE[2]
 STAGE_WINDOWS = {1: 3, 2: 12, 3: 30}  # 10 s windows: 30 s, 2 min, 5 min
+# Batches pad their audio to the smallest of these window counts that holds every clip (data/bucketing.py): one
+# compiled train step per bucket instead of one per window count.
+WINDOW_BUCKETS = (1, 2, 3, 6, 12, 18, 24, 30)
 STAGE_LEARNING_RATE = {1: 1e-4, 2: 2e-5, 3: 2e-5}
 STAGE_ROWS_PER_DEVICE = {1: (16, 2), 2: (4, 2), 3: (1, 2)}  # (micro-batch per device, accumulation steps)
 REAL_PRESETS = ("0.5b", "1.5b", "3b")
 PRESETS = ("tiny",) + REAL_PRESETS
 REFERENCE_DEVICES = 8
 
-# tiny: fp32 on CPU, learning rates and steps its own. Measured on the synthetic skills (docs/RESULTS.md): at 1e-3 and
-# above the model settles on the text-only answer prior and never uses the audio (not even an injected label);
-# 1.5e-4 learns. Stages 2-3 use a fifth of it, as the reference does: at 1e-4, stage 2's steps on the unfrozen HTSAT
-# undid stage 1's pitch skill (93% -> 50%). Stage 3 keeps HTSAT frozen (the reference leaves that open): 30-window
-# backward passes through it do not fit a CPU budget.
-TINY = {1: dict(learning_rate=1.5e-4, warmup_steps=100, num_steps=1000, batch_size=8, grad_accum_steps=1,
+# tiny: fp32 on CPU, learning rates and steps its own (docs/RESULTS.md measures each choice). At 1e-3 and above the
+# model settles on the text-only answer prior and never uses the audio (not even an injected label); 1.5e-4 learns.
+# Stage 2 uses a fifth of it, as the reference does. Stage 3 keeps HTSAT frozen (the reference leaves that open):
+# 30-window backward passes through it do not fit a CPU budget; its 1e-4 teaches the long skills' answer format in
+# 100 steps without costing the short skills.
+TINY = {1: dict(learning_rate=1.5e-4, warmup_steps=100, num_steps=1200, batch_size=8, grad_accum_steps=1,
                 max_windows=1),
         2: dict(learning_rate=3e-5, warmup_steps=10, num_steps=150, batch_size=8, grad_accum_steps=1, max_windows=1),
-        3: dict(learning_rate=3e-5, warmup_steps=10, num_steps=40, batch_size=2, grad_accum_steps=1, max_windows=30)}
+        3: dict(learning_rate=1e-4, warmup_steps=10, num_steps=100, batch_size=2, grad_accum_steps=1, max_windows=30)}
 TINY_TRAINABLE = {1: STAGE_TRAINABLE[1], 2: STAGE_TRAINABLE[2], 3: STAGE_TRAINABLE[1]}
+# The tiny LLM's embeddings are also its output head (tied), random and small (std 0.02): at the audio side's
+# learning rate they need ~700 steps to grow enough to emit an answer at all. Ten times the rate gets there in ~200
+# (RESULTS.md); the real presets start from Qwen2.5's trained embeddings and keep one rate, as the reference.
+TINY_LEARNING_RATE_MULTIPLIERS = (("llm/embed_tokens/.*", 10.0),)
 TINY_HTSAT_DEPTHS = (2, 2, 2, 2)  # same widths and 64 tokens per window; half the CPU time of (2, 2, 12, 2)
 
 
@@ -61,6 +68,11 @@ def stage_config(stage: int, preset: str = "tiny") -> ml_collections.ConfigDict:
     c.trainable = TINY_TRAINABLE[stage] if tiny else STAGE_TRAINABLE[stage]
     c.frozen_param_dtype = "float32" if tiny else "bfloat16"
     c.deterministic = tiny  # real presets train with dropout / SpecAugment where the model has them
+    # When HTSAT trains: True runs it in the reference's training mode (per-call BatchNorm statistics that also move
+    # the running ones, AFF fusion, SpecAugment, drop path); False fine-tunes its weights in eval mode. The tiny
+    # HTSAT is random, not AF-CLAP: its running statistics and fusion branch are uncalibrated, so training-mode
+    # features differ from the eval-mode ones stage 1 learned to read, and stage 2 lost pitch (RESULTS.md).
+    c.htsat_train_mode = not tiny
     # '' = random (tiny); real stage 1: 'llm=<converted Qwen2.5>,htsat=<converted AF-CLAP>'; stages 2-3: the
     # previous stage's workdir (its final/ export, or its newest checkpoint).
     c.init_from = ""
@@ -68,6 +80,7 @@ def stage_config(stage: int, preset: str = "tiny") -> ml_collections.ConfigDict:
 
     c.data = ml_collections.ConfigDict(_default_data(stage, tiny))
     c.max_windows = TINY[stage]["max_windows"] if tiny else STAGE_WINDOWS[stage]
+    c.window_buckets = tuple(b for b in WINDOW_BUCKETS if b < c.max_windows) + (c.max_windows,)
     c.max_tokens = 64 if tiny else 512
     c.num_workers = 0 if tiny else 8
 
@@ -86,6 +99,7 @@ def stage_config(stage: int, preset: str = "tiny") -> ml_collections.ConfigDict:
         warmup_steps=TINY[stage]["warmup_steps"] if tiny else 1875,
         weight_decay=0.1, b1=0.9, b2=0.999, eps=1e-8,  # torch AdamW defaults, as the reference
         clip_grad_norm=1.0,
+        learning_rate_multipliers=TINY_LEARNING_RATE_MULTIPLIERS if tiny else (),  # ((path pattern, factor), ...)
     ))
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))  # -1: all remaining devices
     c.checkpoint = ml_collections.ConfigDict(dict(

@@ -37,7 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(f"--stage{stage}-steps", type=int, default=None, help=f"stage {stage} steps (default: config)")
     p.add_argument("--set", action="append", default=[], metavar="STAGE:KEY=VALUE",
                    help="override a config field of one stage (or 'all:'), e.g. 3:max_windows=6; repeatable")
-    p.add_argument("--eval-examples-per-skill", type=int, default=20)
+    p.add_argument("--eval-examples-per-skill", type=int, default=50,
+                   help="short-audio test examples per skill (one window each: cheap)")
+    p.add_argument("--eval-long-examples-per-skill", type=int, default=20,
+                   help="long-audio test examples per skill (1-5 min: each costs up to 30 HTSAT windows)")
     p.add_argument("--eval-batch-size", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=24, help="the synthetic answers are a few tokens long")
     p.add_argument("--compilation-cache", default=None, metavar="DIR",
@@ -104,7 +107,7 @@ def evaluate_stage(args, stage: int, cfg) -> dict:
     """Greedy answers of the stage's final model on the synthetic test split of the skills the stage trained."""
     from af2_jax import pretrained
     from af2_jax.data.config import default_synthetic_config
-    from af2_jax.data.synthetic import SyntheticSource
+    from af2_jax.data.synthetic import LONG_SKILLS, SyntheticSource
     from af2_jax.evaluation import report, runner
     from af2_jax.inference.sampling import SamplingConfig
     from af2_jax.training import loop
@@ -112,8 +115,10 @@ def evaluate_stage(args, stage: int, cfg) -> dict:
     parts = []
     for source in default_synthetic_config("test", stage=stage)["sources"]:
         skills = tuple(source["skills"])
-        parts.append(SyntheticSource("test", args.eval_examples_per_skill * len(skills), seed=source["seed"],
-                                     skills=skills))
+        per_skill = (args.eval_long_examples_per_skill if set(skills) <= set(LONG_SKILLS)
+                     else args.eval_examples_per_skill)
+        parts.append(SyntheticSource("test", per_skill * len(skills), seed=source["seed"],
+                                     skills=skills, mcq_probability=source["mcq_probability"]))
     records = runner.Concatenated(parts)
     model_dir = runner.model_directory(stage_dir(args.workdir, stage))
     model = pretrained.load_model(model_dir)
@@ -121,7 +126,8 @@ def evaluate_stage(args, stage: int, cfg) -> dict:
     settings = runner.EvalSettings(batch_size=args.eval_batch_size, max_windows=cfg.max_windows)
     metadata = {"checkpoint": str(model_dir), "stage": stage,
                 "data": {"source": "synthetic", "split": "test", "num_examples": len(records),
-                         "parts": [{"skills": list(p.skills), "seed": p.seed, "num_examples": len(p)} for p in parts]},
+                         "parts": [{"skills": list(p.skills), "seed": p.seed, "num_examples": len(p),
+                                    "mcq_probability": p.mcq_probability} for p in parts]},
                 "sampling": {"temperature": 0.0, "max_new_tokens": sampling.max_new_tokens}}
     payload = runner.evaluate(runner.model_generate_fn(model, loop.default_tokenizer(cfg), sampling), records,
                               settings, progress=not args.no_progress, metadata=metadata)

@@ -102,7 +102,7 @@ def default_iterator(cfg: Any, tokenizer: Any, rows_per_process: int) -> Iterato
     return make_iterator(cfg.data, tokenizer, seed=cfg.seed, batch_size=rows_per_process,
                          max_windows=cfg.max_windows, max_tokens=cfg.max_tokens,
                          process_index=jax.process_index(), process_count=jax.process_count(),
-                         num_workers=cfg.num_workers)
+                         num_workers=cfg.num_workers, window_buckets=tuple(cfg.get("window_buckets", ())))
 
 
 def train(cfg: Any, workdir: str | pathlib.Path, *, make_iterator: Callable[..., Iterator[dict]] | None = None,
@@ -144,7 +144,8 @@ def train(cfg: Any, workdir: str | pathlib.Path, *, make_iterator: Callable[...,
 
     step_fn = step_lib.jit_train_step(step_lib.make_train_step(
         split, tx, optimizer.learning_rate_schedule(cfg.optimizer),
-        train_htsat=any(p.startswith("htsat") for p in patterns), deterministic=cfg.deterministic, seed=cfg.seed),
+        train_htsat=cfg.get("htsat_train_mode", True) and any(p.startswith("htsat") for p in patterns),
+        deterministic=cfg.deterministic, seed=cfg.seed),
         mesh, shardings)
 
     stop = stop if stop is not None else StopFlag()

@@ -67,7 +67,8 @@ def test_curriculum_runs_three_chained_stages_and_reports(tmp_path):
                "--stage1-steps", "3", "--stage2-steps", "2", "--stage3-steps", "2",
                "--set", "2:optimizer.learning_rate=0.0", "--set", "3:optimizer.learning_rate=0.0",
                "--set", "3:max_windows=1", "--set", "3:batch_size=8",
-               "--eval-examples-per-skill", "1", "--eval-batch-size", "8", "--max-new-tokens", "4", "--no-progress"]
+               "--eval-examples-per-skill", "1", "--eval-long-examples-per-skill", "1", "--eval-batch-size", "8",
+               "--max-new-tokens", "4", "--no-progress"]
     done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1500)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     printed = done.stdout

@@ -63,6 +63,19 @@ def test_stage2_init_from_loads_the_stage1_final_weights(stage1, tmp_path, sourc
     assert any(k.startswith("htsat/") for k in flat(loaded.state["trainable"]))  # stage 2 trains HTSAT
 
 
+def test_stage2_can_fine_tune_htsat_with_its_statistics_fixed(stage1, tmp_path):
+    """htsat_train_mode=False (the tiny recipe): HTSAT's weights train, in eval mode, so its BatchNorm running
+    statistics stay stage 1's (training mode would move them: test_freezing)."""
+    workdir, first = stage1
+    cfg = stage_config(2, init_from=str(workdir), htsat_train_mode=False, num_steps=1)
+    second = loop.train(cfg, tmp_path / "s2", make_iterator=random_batches())
+    before, after = _all_variables(first), _all_variables(second)
+    trained_htsat = [k for k in flat(second.state["trainable"]) if k.startswith("htsat/")]
+    assert trained_htsat and any(not np.array_equal(after[k], before[k]) for k in trained_htsat)
+    stats = flat(second.state["batch_stats"])
+    assert stats and all(np.array_equal(after[k], before[k]) for k in stats)
+
+
 def test_init_from_prefix_source_replaces_that_component(stage1, tmp_path):
     workdir, result = stage1
     expected = _all_variables(result)
