@@ -28,7 +28,7 @@ def learning_rate_multipliers(multipliers: Sequence[Sequence[Any]]) -> optax.Gra
 
     def factors(tree):
         def factor(path, _):
-            path = stages.path_string([p for p in path if getattr(p, "name", None) != "value"])
+            path = stages.leaf_path_string(path)
             return next((f for match, f in rules if match(path)), 1.0)
         return jax.tree_util.tree_map_with_path(factor, tree)
 

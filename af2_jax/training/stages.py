@@ -35,6 +35,11 @@ def path_string(path: Sequence[Any]) -> str:
     return "/".join(parts)
 
 
+def leaf_path_string(path: Sequence[Any]) -> str:
+    """The '/'-path of an array leaf, also when a tree_map over nnx.State reaches it below a Variable's 'value'."""
+    return path_string([p for p in path if getattr(p, "name", None) != "value"])
+
+
 def variable_paths(tree: Any) -> list[str]:
     """The '/'-paths of every nnx.Variable in `tree` (an nnx.State or a pytree holding Variables)."""
     leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: isinstance(x, nnx.Variable))[0]
@@ -65,9 +70,7 @@ def param_labels(patterns: Sequence[str]):
 
     def labels(tree):
         def label(path, _):
-            # optax.tree_map over nnx.State reaches array leaves below a Variable's 'value' attribute
-            parts = [p for p in path if getattr(p, "name", None) != "value"]
-            return TRAIN if matcher(path_string(parts)) else FROZEN
+            return TRAIN if matcher(leaf_path_string(path)) else FROZEN
         return jax.tree_util.tree_map_with_path(label, tree)
 
     return labels
