@@ -64,6 +64,9 @@ def stage_config(stage: int, preset: str = "tiny") -> ml_collections.ConfigDict:
         htsat_depths=TINY_HTSAT_DEPTHS if tiny else (),  # () = the preset's Swin depths
         # not in AF2 (models/audio_encoder.py): tiny learns temporal order and pitch order only with it (RESULTS.md)
         audio_time_embedding=tiny,
+        # bn0 statistics from the run's first batches when it starts from a random HTSAT (training/input_norm.py).
+        # Off for tiny: it lifts counting to 96% but leaves pitch at chance (RESULTS.md, session 4).
+        calibrate_input_norm=False,
     ))
     c.trainable = TINY_TRAINABLE[stage] if tiny else STAGE_TRAINABLE[stage]
     c.frozen_param_dtype = "float32" if tiny else "bfloat16"

@@ -21,7 +21,7 @@ import jax
 import numpy as np
 
 from af2_jax import sharding
-from af2_jax.training import distributed, initialization, optimizer, step as step_lib, train_state
+from af2_jax.training import distributed, initialization, input_norm, optimizer, step as step_lib, train_state
 from af2_jax.training.checkpointing import Checkpointer
 from af2_jax.training.metrics import MetricsLogger
 
@@ -124,9 +124,9 @@ def train(cfg: Any, workdir: str | pathlib.Path, *, make_iterator: Callable[...,
 
     patterns = tuple(cfg.trainable)
     tx = optimizer.make_optimizer(cfg.optimizer, patterns)
+    init_params = initialization.read_init_from(cfg.init_from) if cfg.init_from else None
     split, state, frozen, shardings = train_state.create_train_state(
-        make_model, patterns, tx, mesh, initialization.DTYPES[cfg.frozen_param_dtype],
-        params=initialization.read_init_from(cfg.init_from) if cfg.init_from else None)
+        make_model, patterns, tx, mesh, initialization.DTYPES[cfg.frozen_param_dtype], params=init_params)
 
     rows_per_step = cfg.batch_size * cfg.grad_accum_steps
     if rows_per_step % jax.process_count():
@@ -141,6 +141,9 @@ def train(cfg: Any, workdir: str | pathlib.Path, *, make_iterator: Callable[...,
     if restored is not None:
         state, start_step = restored
         logging.info("resumed from checkpoint %d in %s", start_step, checkpointer.directory)
+    elif cfg.model.get("calibrate_input_norm", False) and input_norm.BN0_MEAN not in (init_params or {}):
+        state["batch_stats"] = _calibrate_input_norm(cfg, tokenizer, rows_per_step // jax.process_count(),
+                                                      state["batch_stats"], make_iterator)
 
     step_fn = step_lib.jit_train_step(step_lib.make_train_step(
         split, tx, optimizer.learning_rate_schedule(cfg.optimizer),
@@ -204,6 +207,25 @@ def train(cfg: Any, workdir: str | pathlib.Path, *, make_iterator: Callable[...,
         if hasattr(iterator, "close"):
             iterator.close()
     return RunResult(records=records, last_step=step, status=status, state=state, frozen=frozen, split=split)
+
+
+def _calibrate_input_norm(cfg: Any, tokenizer: Any, rows: int, batch_stats: Any,
+                          make_iterator: Callable | None) -> Any:
+    """HTSAT bn0 statistics from the run's first batches (a fresh iterator: the training one is not advanced)."""
+    iterator = (make_iterator or default_iterator)(cfg, tokenizer, rows)
+    try:
+        batches = [next(iterator) for _ in range(input_norm.CALIBRATION_BATCHES)]
+    finally:
+        if hasattr(iterator, "close"):
+            iterator.close()
+    moments = input_norm.log_mel_moments(batches)
+    if jax.process_count() > 1:  # every process reads its own rows; all must hold the statistics of all of them
+        from jax.experimental import multihost_utils
+        moments = np.sum(multihost_utils.process_allgather(moments), 0)
+    mean, var = input_norm.statistics(moments)
+    logging.info("HTSAT input norm from %d batches: mean %.1f..%.1f dB, std %.1f..%.1f dB",
+                 len(batches), mean.min(), mean.max(), np.sqrt(var).min(), np.sqrt(var).max())
+    return input_norm.set_input_norm(batch_stats, mean, var)
 
 
 def export_final(directory: pathlib.Path, model_config: Any, model: Any) -> None:
