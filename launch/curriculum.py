@@ -39,13 +39,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config field of one stage (or 'all:'), e.g. 3:max_windows=6; repeatable")
     p.add_argument("--eval-examples-per-skill", type=int, default=50,
                    help="short-audio test examples per skill (one window each: cheap)")
-    p.add_argument("--eval-long-examples-per-skill", type=int, default=20,
-                   help="long-audio test examples per skill (1-5 min: each costs up to 30 HTSAT windows)")
+    p.add_argument("--eval-long-examples-per-skill", type=int, default=40,
+                   help="long-audio test examples per skill (5 min: each costs 30 HTSAT windows)")
     p.add_argument("--eval-batch-size", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=24, help="the synthetic answers are a few tokens long")
     p.add_argument("--compilation-cache", default=None, metavar="DIR",
                    help="persistent JAX compilation cache (default: <workdir>/jax_cache; '' to disable). Compiling "
                         "dominates a tiny run, and a resumed or repeated run finds its programs there")
+    p.add_argument("--cpu-devices", type=int, default=min(2, os.cpu_count() or 1),
+                   help="XLA host devices on a CPU-only machine (default: 2, or 1 on one core). XLA runs each CPU op "
+                        "on one core; with N devices the data-parallel mesh uses N cores. N must divide every stage's "
+                        "batch size. No effect on GPU/TPU, nor when XLA_FLAGS already sets a host device count")
     p.add_argument("--no-eval", action="store_true", help="train and plot only")
     p.add_argument("--no-progress", action="store_true", help="no evaluation progress bar")
     return p
@@ -137,6 +141,16 @@ def evaluate_stage(args, stage: int, cfg) -> dict:
     return payload
 
 
+def use_cpu_devices(count: int) -> None:
+    """Split the CPU into `count` XLA host devices (before JAX starts): the train step's batch is sharded over them,
+    so each core runs its share of the rows (docs/PERFORMANCE.md: 1.4x per HTSAT call on 2 cores)."""
+    if count < 1:
+        raise SystemExit(f"--cpu-devices must be >= 1, got {count}")
+    flags = os.environ.get("XLA_FLAGS", "")
+    if count > 1 and "xla_force_host_platform_device_count" not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}".strip()
+
+
 def use_compilation_cache(directory) -> None:
     """Keep compiled programs on disk, unless the user's JAX configuration already names a cache."""
     import jax
@@ -165,6 +179,7 @@ def comparison_table(evaluations: dict[int, dict]) -> str:
 
 def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
+    use_cpu_devices(args.cpu_devices)
     import logging
 
     from absl import logging as absl_logging
