@@ -21,7 +21,7 @@ SAMPLE_RATE = 16000
 SPLIT_CODES = {"train": 0, "test": 1}
 
 SHORT_SKILLS = ("count", "order", "pitch", "timbre", "loudness", "duration", "caption")
-LONG_SKILLS = ("long_when", "long_count")
+LONG_SKILLS = ("long_order", "long_pitch", "long_count", "long_when")
 ALL_SKILLS = SHORT_SKILLS + LONG_SKILLS
 
 NUMBER_WORDS = ("one", "two", "three", "four")
@@ -215,6 +215,59 @@ def _caption(rng):
     return clip, prompt, _caption_text(n, high, noise), CAPTIONS
 
 
+LONG_SECONDS = 300.0  # the long skills' recordings: 5 minutes, i.e. 30 windows, as the paper's stage 3
+LONG_GAP_S = 30.0  # long_order / long_pitch: events minutes apart, not seconds
+
+
+def _long_recording(rng) -> np.ndarray:
+    """5 minutes of silence with 2-8 whistles, a sound no short skill uses, as distractors."""
+    clip = np.zeros(int(LONG_SECONDS * SAMPLE_RATE))
+    for s in rng.uniform(1.0, LONG_SECONDS - 2.0, int(rng.integers(2, 9))):
+        _place(clip, whistle(), float(s))
+    return clip
+
+
+def _far_apart_starts(rng) -> tuple[float, float]:
+    """Two event starts in a long recording, the second at least LONG_GAP_S after the first."""
+    first = float(rng.uniform(1.0, LONG_SECONDS - 2.0 - LONG_GAP_S))
+    return first, float(rng.uniform(first + LONG_GAP_S, LONG_SECONDS - 2.0))
+
+
+def _long_order(rng):
+    """The order skill's beep and noise, minutes apart in 5 minutes: which came first?"""
+    clip = _long_recording(rng)
+    beep_first = bool(rng.integers(2))
+    first, second = _far_apart_starts(rng)
+    beep_at, noise_at = (first, second) if beep_first else (second, first)
+    _place(clip, tone(BEEP_HZ, 0.5), beep_at)
+    _place(clip, noise_burst(rng, 0.5), noise_at, 0.8)
+    named = ("the beep", "the noise") if rng.integers(2) else ("the noise", "the beep")
+    prompt = f"which came first, {named[0]} or {named[1]}?"
+    return clip, prompt, "the beep" if beep_first else "the noise", ("the beep", "the noise")
+
+
+def _long_pitch(rng):
+    """The pitch skill's two tones, minutes apart in 5 minutes: is the second higher or lower?"""
+    clip = _long_recording(rng)
+    low = float(rng.uniform(250.0, 500.0))
+    high = low * float(rng.uniform(2.5, 4.0))
+    higher = bool(rng.integers(2))
+    first, second = _far_apart_starts(rng)
+    _place(clip, tone(low if higher else high, 0.6), first)
+    _place(clip, tone(high if higher else low, 0.6), second)
+    prompt = "is the second tone higher or lower than the first?"
+    return clip, prompt, "higher" if higher else "lower", ("higher", "lower")
+
+
+def _long_count(rng):
+    """1-4 of the count skill's beeps, at least 5 s apart, spread over 5 minutes: how many?"""
+    clip = _long_recording(rng)
+    n = int(rng.integers(1, 5))
+    for s in _spaced_starts(rng, n, LONG_SECONDS, 0.25, 5.0, margin_s=1.0):
+        _place(clip, tone(BEEP_HZ, 0.25), s)
+    return clip, "how many beeps are there?", NUMBER_WORDS[n - 1], NUMBER_WORDS
+
+
 def _long_background(rng, minutes: int) -> tuple[np.ndarray, float]:
     """1-5 minutes of faint hiss with a few distractor beeps, so the model must look for the whistle itself."""
     clip_s = minutes * 60.0 - float(rng.uniform(0.0, 20.0)) if minutes > 1 else 60.0
@@ -235,18 +288,11 @@ def _long_when(rng):
     return clip, "in which minute does the whistle occur?", answers[minute], answers[:minutes]
 
 
-def _long_count(rng):
-    minutes = int(rng.integers(1, 6))
-    clip, clip_s = _long_background(rng, minutes)
-    n = int(rng.integers(1, 5))
-    for s in _spaced_starts(rng, n, clip_s, 0.8, 5.0, margin_s=2.0):
-        _place(clip, whistle(), s)
-    return clip, "how many whistles are in the whole recording?", NUMBER_WORDS[n - 1], NUMBER_WORDS
-
-
 SKILLS: dict[str, Callable] = {
     "count": _count, "order": _order, "pitch": _pitch, "timbre": _timbre, "loudness": _loudness,
-    "duration": _duration, "caption": _caption, "long_when": _long_when, "long_count": _long_count,
+    "duration": _duration, "caption": _caption, "long_order": _long_order, "long_pitch": _long_pitch,
+    "long_count": _long_count,
+    "long_when": _long_when,
 }
 MCQ_SKILLS = ("order", "pitch", "timbre", "long_when")  # asked MMAU-style with probability `mcq_probability`
 
@@ -321,7 +367,6 @@ def vocabulary_texts() -> list[str]:
         "duration": ["is the tone long or short?"],
         "caption": list(CAPTION_PROMPTS),
         "long_when": ["in which minute does the whistle occur?"],
-        "long_count": ["how many whistles are in the whole recording?"],
     }
     answer_sets = [NUMBER_WORDS, ("the beep", "the noise"), ("higher", "lower"), INSTRUMENTS, ("loud", "quiet"),
                    ("long", "short"), CAPTIONS, tuple(f"the {w} minute" for w in ORDINAL_WORDS)]

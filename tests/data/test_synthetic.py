@@ -105,6 +105,55 @@ def test_long_audio_whistle_minute_matches_where_the_chirp_is():
         assert answer == f"the {synthetic.ORDINAL_WORDS[minute]} minute", record["id"]
 
 
+def _onsets(active):
+    """Frame indices where runs of True start."""
+    active = np.concatenate([[False], active]).astype(int)
+    return np.flatnonzero(np.diff(active) == 1)
+
+
+def test_long_order_answer_matches_which_event_starts_first_over_five_minutes():
+    answers = set()
+    for i in range(6):
+        record = synthetic.generate(5, "test", i, ["long_order"])
+        wave = record["waveform"]
+        assert wave.size == 300 * RATE
+        frame = 1600
+        tone_band = _band_energy(wave, 900, 1100, frame)  # the 1 kHz beep (the whistles sweep 1.5-3.5 kHz)
+        high_band = _band_energy(wave, 5000, 8000, frame)  # only the broadband noise burst reaches here
+        (beep,) = _onsets(tone_band > 0.1 * tone_band.max())
+        (noise,) = _onsets(high_band > 0.1 * high_band.max())
+        assert abs(beep - noise) * frame / RATE >= 29  # minutes apart, not seconds
+        assert record["answer"] == ("the beep" if beep < noise else "the noise"), record["id"]
+        answers.add(record["answer"])
+    assert answers == {"the beep", "the noise"}
+
+
+def test_long_pitch_answer_compares_the_two_steady_tones_minutes_apart():
+    frame = 800  # 50 ms: a 0.6 s tone spans ~12 frames, a 0.8 s whistle sweeps 1.5 -> 3.5 kHz across ~16
+    for i in range(6):
+        wave = (record := synthetic.generate(7, "test", i, ["long_pitch"]))["waveform"]
+        n = wave.size // frame
+        spectra = np.abs(np.fft.rfft(wave[: n * frame].reshape(n, frame), axis=1))
+        peaks = np.fft.rfftfreq(frame, 1 / RATE)[spectra.argmax(1)]
+        loud = (spectra ** 2).sum(1) > 0.1 * (spectra ** 2).sum(1).max()
+        edges = np.flatnonzero(np.diff(np.concatenate([[0], loud.astype(int), [0]])))
+        steady = [(start, np.median(peaks[start + 1:end - 1])) for start, end in zip(edges[::2], edges[1::2])
+                  if np.ptp(peaks[start + 1:end - 1]) < 50]  # a tone keeps its peak; a whistle's moves
+        assert len(steady) == 2, record["id"]
+        (first_at, first_hz), (second_at, second_hz) = steady
+        assert (second_at - first_at) * frame / RATE >= 29
+        assert record["answer"] == ("higher" if second_hz > first_hz else "lower"), record["id"]
+
+
+def test_long_count_answer_matches_the_beeps_heard_over_five_minutes():
+    for i in range(8):
+        record = synthetic.generate(6, "test", i, ["long_count"])
+        assert record["waveform"].size == 300 * RATE
+        energy = _band_energy(record["waveform"], 900, 1100)
+        heard = _runs(energy > 0.1 * energy.max())
+        assert synthetic.NUMBER_WORDS[heard - 1] == record["answer"], record["id"]
+
+
 def test_mcq_variants_list_options_and_answer_with_a_letter():
     records = [synthetic.generate(0, "train", i, ["order", "pitch", "timbre"]) for i in range(60)]
     mcq = [r for r in records if synthetic.MCQ_INTRO in r["prompt"]]
