@@ -93,9 +93,9 @@ def test_curriculum_runs_three_chained_stages_and_reports(tmp_path):
     assert set(results["evaluations"]) == {"2", "3"}
     short = {"count", "order", "pitch"}  # the skills the issue asks the tiny curriculum to teach
     assert set(results["evaluations"]["2"]["tasks"]) == short
-    assert set(results["evaluations"]["3"]["tasks"]) == short | {"long_when", "long_count"}
+    assert set(results["evaluations"]["3"]["tasks"]) == short | {"long_order"}
     for s in ("2", "3"):
         payload = report.read_json(workdir / f"eval_stage{s}.json")
         assert payload["tasks"] == results["evaluations"][s]["tasks"]
         assert len(payload["predictions"]) == payload["metadata"]["data"]["num_examples"]
-    assert "after stage 2 %" in printed and "after stage 3 %" in printed and "long_when" in printed
+    assert "after stage 2 %" in printed and "after stage 3 %" in printed and "long_order" in printed
