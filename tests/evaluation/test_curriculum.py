@@ -37,6 +37,22 @@ def test_parse_overrides():
             curriculum.parse_overrides([bad])
 
 
+def test_cpu_devices_adds_the_host_device_count_unless_xla_flags_sets_one(monkeypatch):
+    curriculum = _curriculum()
+    monkeypatch.setenv("XLA_FLAGS", "--xla_backend_optimization_level=0")
+    curriculum.use_cpu_devices(2)
+    assert os.environ["XLA_FLAGS"].split() == ["--xla_backend_optimization_level=0",
+                                               "--xla_force_host_platform_device_count=2"]
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+    curriculum.use_cpu_devices(2)
+    assert os.environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=8"  # the user's choice wins
+    monkeypatch.delenv("XLA_FLAGS")
+    curriculum.use_cpu_devices(1)
+    assert "XLA_FLAGS" not in os.environ
+    with pytest.raises(SystemExit, match="cpu-devices"):
+        curriculum.use_cpu_devices(0)
+
+
 def test_stage_configs_chain_init_from_and_take_overrides(tmp_path):
     curriculum = _curriculum()
     args = curriculum.build_parser().parse_args(["--workdir", str(tmp_path), "--stage2-steps", "7",
@@ -58,11 +74,12 @@ def _text_side_params(stage_dir):
 
 @pytest.mark.slow
 def test_curriculum_runs_three_chained_stages_and_reports(tmp_path):
-    # The README's command, as a fresh process (one CPU device, its own JAX configuration). Stage 3 keeps stage
-    # 2's shapes (batch 8, one window) so its programs come from the compilation cache: compiling dominates here.
+    # The README's command, as a fresh process (its own JAX configuration: two CPU devices, --cpu-devices' default).
+    # Stage 3 keeps stage 2's shapes (batch 8, one window) so its programs come from the compilation cache:
+    # compiling dominates here.
     workdir = tmp_path / "run"
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env["XLA_FLAGS"] = "--xla_backend_optimization_level=0"  # one device; compile fast, as tests/conftest.py
+    env["XLA_FLAGS"] = "--xla_backend_optimization_level=0"  # compile fast, as tests/conftest.py
     command = [sys.executable, str(REPO / "launch" / "curriculum.py"), "--preset", "tiny", "--workdir", str(workdir),
                "--stage1-steps", "3", "--stage2-steps", "2", "--stage3-steps", "2",
                "--set", "2:optimizer.learning_rate=0.0", "--set", "3:optimizer.learning_rate=0.0",
