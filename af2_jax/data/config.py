@@ -25,9 +25,9 @@ CURRICULUM_SHORT_SKILLS = ("count", "order", "pitch")
 # language skill AF2 inherits from its pretrained Qwen2.5; the tiny LLM is random and frozen, and could not learn it
 # (measured in docs/RESULTS.md: every lettered answer a coin flip, even with the LLM trainable for 2000 steps).
 CURRICULUM_MCQ_PROBABILITY = 0.0
-# Stage 3's long skills ask stage 1-2's questions about stage 1-2's sounds over 5-minute recordings: the tiny model
-# then has to learn long range, not a new vocabulary as well (long_when's "which minute" learnt nothing in the
-# stage-3 budget; docs/RESULTS.md).
+# Stage 3 asks stage 1-2's order question about their beep and noise, minutes apart in 5-minute recordings: the
+# tiny model then learns long range, not a new vocabulary as well. Of the long skills only long_order learns from the
+# ~200 recordings a CPU budget allows; long_pitch, long_count and long_when stay at chance (docs/RESULTS.md).
 CURRICULUM_LONG_SKILLS = ("long_order",)
 
 

@@ -291,8 +291,7 @@ def _long_when(rng):
 SKILLS: dict[str, Callable] = {
     "count": _count, "order": _order, "pitch": _pitch, "timbre": _timbre, "loudness": _loudness,
     "duration": _duration, "caption": _caption, "long_order": _long_order, "long_pitch": _long_pitch,
-    "long_count": _long_count,
-    "long_when": _long_when,
+    "long_count": _long_count, "long_when": _long_when,
 }
 MCQ_SKILLS = ("order", "pitch", "timbre", "long_when")  # asked MMAU-style with probability `mcq_probability`
 
