@@ -132,11 +132,11 @@ def _count(rng):
     return clip, "how many beeps are there?", NUMBER_WORDS[n - 1], NUMBER_WORDS
 
 
-def _order(rng):
-    clip_s = float(rng.uniform(3.0, 8.0))
-    clip = np.zeros(int(clip_s * SAMPLE_RATE))
+def _beep_and_noise(rng, clip: np.ndarray, starts_of: Callable):
+    """Order's events placed in `clip`: a beep and a noise burst, in random order, at the two starts `starts_of(rng)`
+    draws; with order's question, answer and choices. Shared by order and long_order."""
     beep_first = bool(rng.integers(2))
-    first, second = _spaced_starts(rng, 2, clip_s, 0.5, 0.6)
+    first, second = starts_of(rng)
     beep_at, noise_at = (first, second) if beep_first else (second, first)
     _place(clip, tone(BEEP_HZ, 0.5), beep_at)
     _place(clip, noise_burst(rng, 0.5), noise_at, 0.8)
@@ -146,18 +146,28 @@ def _order(rng):
     return clip, prompt, answer, ("the beep", "the noise")
 
 
-def _pitch(rng):
-    clip_s = float(rng.uniform(2.5, 6.0))
-    clip = np.zeros(int(clip_s * SAMPLE_RATE))
+def _order(rng):
+    clip_s = float(rng.uniform(3.0, 8.0))
+    return _beep_and_noise(rng, np.zeros(int(clip_s * SAMPLE_RATE)),
+                           lambda r: _spaced_starts(r, 2, clip_s, 0.5, 0.6))
+
+
+def _two_tones(rng, clip: np.ndarray, starts_of: Callable):
+    """Pitch's events placed in `clip`: a low and a high tone (>= 2.5x: more than an octave apart), in random order,
+    at the two starts `starts_of(rng)` draws; with pitch's question, answer and choices. Shared by pitch and
+    long_pitch."""
     low = float(rng.uniform(250.0, 500.0))
-    high = low * float(rng.uniform(2.5, 4.0))  # >= 2.5x: more than an octave apart
+    high = low * float(rng.uniform(2.5, 4.0))
     higher = bool(rng.integers(2))
-    f1, f2 = (low, high) if higher else (high, low)
-    a, b = _spaced_starts(rng, 2, clip_s, 0.6, 0.4)
-    _place(clip, tone(f1, 0.6), a)
-    _place(clip, tone(f2, 0.6), b)
+    for freq, start in zip((low, high) if higher else (high, low), starts_of(rng)):
+        _place(clip, tone(freq, 0.6), start)
     prompt = "is the second tone higher or lower than the first?"
     return clip, prompt, "higher" if higher else "lower", ("higher", "lower")
+
+
+def _pitch(rng):
+    clip_s = float(rng.uniform(2.5, 6.0))
+    return _two_tones(rng, np.zeros(int(clip_s * SAMPLE_RATE)), lambda r: _spaced_starts(r, 2, clip_s, 0.6, 0.4))
 
 
 def _timbre(rng):
@@ -235,28 +245,12 @@ def _far_apart_starts(rng) -> tuple[float, float]:
 
 def _long_order(rng):
     """The order skill's beep and noise, minutes apart in 5 minutes: which came first?"""
-    clip = _long_recording(rng)
-    beep_first = bool(rng.integers(2))
-    first, second = _far_apart_starts(rng)
-    beep_at, noise_at = (first, second) if beep_first else (second, first)
-    _place(clip, tone(BEEP_HZ, 0.5), beep_at)
-    _place(clip, noise_burst(rng, 0.5), noise_at, 0.8)
-    named = ("the beep", "the noise") if rng.integers(2) else ("the noise", "the beep")
-    prompt = f"which came first, {named[0]} or {named[1]}?"
-    return clip, prompt, "the beep" if beep_first else "the noise", ("the beep", "the noise")
+    return _beep_and_noise(rng, _long_recording(rng), _far_apart_starts)
 
 
 def _long_pitch(rng):
     """The pitch skill's two tones, minutes apart in 5 minutes: is the second higher or lower?"""
-    clip = _long_recording(rng)
-    low = float(rng.uniform(250.0, 500.0))
-    high = low * float(rng.uniform(2.5, 4.0))
-    higher = bool(rng.integers(2))
-    first, second = _far_apart_starts(rng)
-    _place(clip, tone(low if higher else high, 0.6), first)
-    _place(clip, tone(high if higher else low, 0.6), second)
-    prompt = "is the second tone higher or lower than the first?"
-    return clip, prompt, "higher" if higher else "lower", ("higher", "lower")
+    return _two_tones(rng, _long_recording(rng), _far_apart_starts)
 
 
 def _long_count(rng):
