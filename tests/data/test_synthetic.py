@@ -18,10 +18,15 @@ def _band_energy(wave, lo, hi, frame=400):
     return spec[:, (freqs >= lo) & (freqs <= hi)].sum(1)
 
 
+def _run_bounds(active):
+    """(starts, ends): the index where each run of True in a boolean sequence begins, and one past where it ends."""
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], np.asarray(active, int), [0]])))
+    return edges[::2], edges[1::2]
+
+
 def _runs(active):
     """Number of runs of True in a boolean sequence."""
-    active = np.concatenate([[False], active, [False]]).astype(int)
-    return int((np.diff(active) == 1).sum())
+    return len(_run_bounds(active)[0])
 
 
 def test_examples_are_pure_functions_of_seed_split_index():
@@ -105,12 +110,6 @@ def test_long_audio_whistle_minute_matches_where_the_chirp_is():
         assert answer == f"the {synthetic.ORDINAL_WORDS[minute]} minute", record["id"]
 
 
-def _onsets(active):
-    """Frame indices where runs of True start."""
-    active = np.concatenate([[False], active]).astype(int)
-    return np.flatnonzero(np.diff(active) == 1)
-
-
 def test_long_order_answer_matches_which_event_starts_first_over_five_minutes():
     answers = set()
     for i in range(6):
@@ -120,8 +119,8 @@ def test_long_order_answer_matches_which_event_starts_first_over_five_minutes():
         frame = 1600
         tone_band = _band_energy(wave, 900, 1100, frame)  # the 1 kHz beep (the whistles sweep 1.5-3.5 kHz)
         high_band = _band_energy(wave, 5000, 8000, frame)  # only the broadband noise burst reaches here
-        (beep,) = _onsets(tone_band > 0.1 * tone_band.max())
-        (noise,) = _onsets(high_band > 0.1 * high_band.max())
+        (beep,), _ = _run_bounds(tone_band > 0.1 * tone_band.max())
+        (noise,), _ = _run_bounds(high_band > 0.1 * high_band.max())
         assert abs(beep - noise) * frame / RATE >= 29  # minutes apart, not seconds
         assert record["answer"] == ("the beep" if beep < noise else "the noise"), record["id"]
         answers.add(record["answer"])
@@ -136,8 +135,7 @@ def test_long_pitch_answer_compares_the_two_steady_tones_minutes_apart():
         spectra = np.abs(np.fft.rfft(wave[: n * frame].reshape(n, frame), axis=1))
         peaks = np.fft.rfftfreq(frame, 1 / RATE)[spectra.argmax(1)]
         loud = (spectra ** 2).sum(1) > 0.1 * (spectra ** 2).sum(1).max()
-        edges = np.flatnonzero(np.diff(np.concatenate([[0], loud.astype(int), [0]])))
-        steady = [(start, np.median(peaks[start + 1:end - 1])) for start, end in zip(edges[::2], edges[1::2])
+        steady = [(start, np.median(peaks[start + 1:end - 1])) for start, end in zip(*_run_bounds(loud))
                   if np.ptp(peaks[start + 1:end - 1]) < 50]  # a tone keeps its peak; a whistle's moves
         assert len(steady) == 2, record["id"]
         (first_at, first_hz), (second_at, second_hz) = steady
