@@ -19,7 +19,6 @@ from af2_jax.audio.mel import log_mel
 
 BN0 = ("htsat", "bn0")
 BN0_MEAN = "/".join(BN0 + ("mean",))  # its path in init_from arrays
-CALIBRATION_BATCHES = 16
 
 
 @jax.jit

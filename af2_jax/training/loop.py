@@ -21,12 +21,14 @@ import jax
 import numpy as np
 
 from af2_jax import sharding
-from af2_jax.training import distributed, initialization, input_norm, optimizer, step as step_lib, train_state
+from af2_jax.training import (distributed, feature_norm, initialization, input_norm, optimizer, step as step_lib,
+                              train_state)
 from af2_jax.training.checkpointing import Checkpointer
 from af2_jax.training.metrics import MetricsLogger
 
 FINAL_DIR = "final"
 CHECKPOINT_DIR = "checkpoints"
+CALIBRATION_BATCHES = 16  # the first batches that data-dependent calibrations measure
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -144,6 +146,9 @@ def train(cfg: Any, workdir: str | pathlib.Path, *, make_iterator: Callable[...,
     elif cfg.model.get("calibrate_input_norm", False) and input_norm.BN0_MEAN not in (init_params or {}):
         state["batch_stats"] = _calibrate_input_norm(cfg, tokenizer, rows_per_step // jax.process_count(),
                                                       state["batch_stats"], make_iterator)
+    if cfg.model.get("calibrate_feature_norm", 0.0) and feature_norm.NORM_SCALE not in (init_params or {}):
+        frozen = _calibrate_feature_norm(cfg, tokenizer, rows_per_step // jax.process_count(), mesh, split, state,
+                                         frozen, make_iterator, workdir, resumed=restored is not None)
 
     step_fn = step_lib.jit_train_step(step_lib.make_train_step(
         split, tx, optimizer.learning_rate_schedule(cfg.optimizer),
@@ -209,23 +214,58 @@ def train(cfg: Any, workdir: str | pathlib.Path, *, make_iterator: Callable[...,
     return RunResult(records=records, last_step=step, status=status, state=state, frozen=frozen, split=split)
 
 
-def _calibrate_input_norm(cfg: Any, tokenizer: Any, rows: int, batch_stats: Any,
-                          make_iterator: Callable | None) -> Any:
-    """HTSAT bn0 statistics from the run's first batches (a fresh iterator: the training one is not advanced)."""
+def _first_batches(cfg: Any, tokenizer: Any, rows: int, make_iterator: Callable | None) -> list[dict]:
+    """The run's first batches, for calibrations (a fresh iterator: the training one is not advanced)."""
     iterator = (make_iterator or default_iterator)(cfg, tokenizer, rows)
     try:
-        batches = [next(iterator) for _ in range(input_norm.CALIBRATION_BATCHES)]
+        return [next(iterator) for _ in range(CALIBRATION_BATCHES)]
     finally:
         if hasattr(iterator, "close"):
             iterator.close()
-    moments = input_norm.log_mel_moments(batches)
-    if jax.process_count() > 1:  # every process reads its own rows; all must hold the statistics of all of them
+
+
+def _all_processes(moments: np.ndarray) -> np.ndarray:
+    """Every process reads its own rows; all must hold the statistics of all of them."""
+    if jax.process_count() > 1:
         from jax.experimental import multihost_utils
         moments = np.sum(multihost_utils.process_allgather(moments), 0)
-    mean, var = input_norm.statistics(moments)
+    return moments
+
+
+def _calibrate_input_norm(cfg: Any, tokenizer: Any, rows: int, batch_stats: Any,
+                          make_iterator: Callable | None) -> Any:
+    """HTSAT bn0 statistics from the run's first batches."""
+    batches = _first_batches(cfg, tokenizer, rows, make_iterator)
+    mean, var = input_norm.statistics(_all_processes(input_norm.log_mel_moments(batches)))
     logging.info("HTSAT input norm from %d batches: mean %.1f..%.1f dB, std %.1f..%.1f dB",
                  len(batches), mean.min(), mean.max(), np.sqrt(var).min(), np.sqrt(var).max())
     return input_norm.set_input_norm(batch_stats, mean, var)
+
+
+def _calibrate_feature_norm(cfg: Any, tokenizer: Any, rows: int, mesh: Any, split: Any, state: Any, frozen: Any,
+                            make_iterator: Callable | None, workdir: pathlib.Path, *, resumed: bool) -> Any:
+    """HTSAT's final LayerNorm standardising its tokens over the run's first batches (training/feature_norm.py).
+    A fresh run measures and saves the values; a resumed one reads them, since frozen weights are not in the
+    checkpoint (trainable ones are, and keep their trained values). Returns the new frozen state."""
+    if resumed:
+        if not (workdir / feature_norm.FILE).is_file():
+            raise FileNotFoundError(f"{workdir / feature_norm.FILE} is missing: this checkpoint was trained "
+                                    "without model.calibrate_feature_norm; resume with it 0, or start afresh")
+        feature_norm.set_norm(frozen, feature_norm.load(workdir))
+        return frozen
+    model = split.merge(state["trainable"], state["batch_stats"], frozen)
+    batches = _first_batches(cfg, tokenizer, rows, make_iterator)
+    with jax.set_mesh(mesh):
+        moments = feature_norm.token_moments(model, batches)
+    values = feature_norm.standardised_norm(**feature_norm.current_norm(model), moments=_all_processes(moments),
+                                            target_std=float(cfg.model.calibrate_feature_norm))
+    if not (feature_norm.set_norm(state["trainable"], values) | feature_norm.set_norm(frozen, values)):
+        raise ValueError("feature-norm calibration: the model has no htsat/norm")
+    if jax.process_index() == 0:
+        feature_norm.save(workdir, values)
+    logging.info("HTSAT feature norm from %d batches: scale %.2f..%.2f", len(batches), values["scale"].min(),
+                 values["scale"].max())
+    return frozen
 
 
 def export_final(directory: pathlib.Path, model_config: Any, model: Any) -> None:

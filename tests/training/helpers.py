@@ -24,6 +24,7 @@ def stage_config(stage: int, **overrides):
     cfg.max_windows = 1
     cfg.max_tokens = TOKENS
     cfg.model.htsat_depths = HTSAT_DEPTHS
+    cfg.model.calibrate_feature_norm = 0.0  # measured on the run's first batches: test_feature_norm turns it on
     cfg.log_every = 1
     cfg.optimizer.warmup_steps = 0  # full learning rate from step 1: 2 steps move every trainable parameter
     cfg.checkpoint.every_steps = 2

@@ -35,7 +35,7 @@ def test_fresh_run_calibrates_bn0_and_a_resumed_run_keeps_it(tmp_path):
     first = loop.train(cfg, tmp_path / "run", make_iterator=random_batches(), max_steps=2)
     stats = flat(first.state["batch_stats"])
     calibration = RandomBatches(cfg.batch_size, windows=cfg.max_windows, tokens=cfg.max_tokens, seed=cfg.seed)
-    mean, var = _numpy_statistics([next(calibration) for _ in range(input_norm.CALIBRATION_BATCHES)])
+    mean, var = _numpy_statistics([next(calibration) for _ in range(loop.CALIBRATION_BATCHES)])
     np.testing.assert_allclose(stats["htsat/bn0/mean"], mean, rtol=1e-5)
     np.testing.assert_allclose(stats["htsat/bn0/var"], var, rtol=1e-3)
 
