@@ -3,18 +3,24 @@ left-padded prompts into a text KV cache, then decode inside one jitted `jax.lax
 per token) until every row has emitted `<|endoftext|>` or `max_new_tokens` is reached.
 
 Batches may mix audio lengths (missing windows are zeros with mask 0) and prompt lengths (LEFT padding); a row's
-tokens do not depend on the other rows of its batch.
+tokens do not depend on the other rows of its batch. So a batch's rows are split over the process's devices (data
+parallel, the model copied onto each) whenever they divide evenly: on a CPU split into host devices, each core
+encodes its share of the audio.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from af2_jax import sharding
 
 from af2_jax.audio.windows import pad_batch
 from af2_jax.inference.sampling import SamplingConfig, next_token
@@ -67,11 +73,21 @@ def encode_audio_kv(model: nnx.Module, audio, audio_mask):
     return _encode(graphdef, state, jnp.asarray(audio, jnp.float32), jnp.asarray(audio_mask, jnp.float32))
 
 
+def data_parallel_mesh(rows: int) -> Mesh | None:
+    """A (data=n, fsdp=1, tensor=1) mesh of this process's first n devices, n the most that split `rows` evenly;
+    None when that is one device."""
+    devices = jax.local_devices()
+    n = math.gcd(rows, len(devices))
+    return sharding.make_mesh(n, 1, 1, devices=devices[:n]) if n > 1 else None
+
+
 def generate_tokens(model: nnx.Module, audio, audio_mask, input_ids, attention_mask, sampling: SamplingConfig, *,
-                    key: jax.Array | None = None, eos_id: int | None = None) -> np.ndarray:
+                    key: jax.Array | None = None, eos_id: int | None = None, data_parallel: bool = True
+                    ) -> np.ndarray:
     """audio (B, W, 160000), audio_mask (B, W), left-padded input_ids / attention_mask (B, T) -> generated ids
     (B, max_new_tokens); each row ends at its first eos (`<|endoftext|>` unless `eos_id` says otherwise; included)
-    and is padded with the pad id."""
+    and is padded with the pad id. With `data_parallel`, the rows are split over `data_parallel_mesh(B)` and the
+    model's weights are replicated onto its devices (once: later calls find them there)."""
     config = model.config
     eos_id = config.eos_token_id if eos_id is None else eos_id
     if key is None:
@@ -79,11 +95,23 @@ def generate_tokens(model: nnx.Module, audio, audio_mask, input_ids, attention_m
     attention_mask = np.asarray(attention_mask)
     if attention_mask.shape[1] and not attention_mask[:, -1].all():
         raise ValueError("generate_tokens: prompts must be LEFT-padded (every row's last token must be real)")
+    inputs = (np.asarray(audio, np.float32), np.asarray(audio_mask, np.float32), np.asarray(input_ids, np.int32),
+              attention_mask.astype(np.int32))
+    mesh = data_parallel_mesh(len(attention_mask)) if data_parallel else None
+    if mesh is None:
+        return _generate(model, *map(jnp.asarray, inputs), key, sampling, eos_id)
+    nnx.update(model, jax.device_put(nnx.state(model), NamedSharding(mesh, PartitionSpec())))
+    rows = NamedSharding(mesh, PartitionSpec("data"))
+    with jax.set_mesh(mesh):
+        return _generate(model, *jax.device_put(inputs, rows), key, sampling, eos_id)
+
+
+def _generate(model, audio, audio_mask, input_ids, attention_mask, key, sampling, eos_id) -> np.ndarray:
     audio_kv, media_mask = encode_audio_kv(model, audio, audio_mask)
     graphdef, state = nnx.split(model)
-    tokens = _decode(graphdef, state, audio_kv, media_mask, jnp.asarray(input_ids, jnp.int32),
-                     jnp.asarray(attention_mask, jnp.int32), key, sampling=dataclasses.replace(sampling, seed=0),
-                     eos_id=int(eos_id), pad_id=config.pad_token_id)
+    tokens = _decode(graphdef, state, audio_kv, media_mask, input_ids, attention_mask, key,
+                     sampling=dataclasses.replace(sampling, seed=0), eos_id=int(eos_id),
+                     pad_id=model.config.pad_token_id)
     return np.asarray(tokens)
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from af2_jax.inference.generate import encode_audio_kv, generate_tokens, left_pad
+from af2_jax.inference.generate import data_parallel_mesh, encode_audio_kv, generate_tokens, left_pad
 from af2_jax.inference.sampling import SamplingConfig
 from af2_jax.convert.af2_release import import_release
 from af2_jax.convert.mapping import unflatten
@@ -83,12 +83,18 @@ def test_batch_gives_each_sample_what_it_gets_alone(model, batch):
     greedy = SamplingConfig(max_new_tokens=STEPS)
     tokens = generate_tokens(model, audio, audio_mask, ids, mask, greedy)
     assert tokens.shape == (3, STEPS)
+    # four rows (the third repeated) are split over four of the eight test devices, one row each
+    assert data_parallel_mesh(4).devices.size == 4
+    rows = [0, 1, 2, 2]
+    split = generate_tokens(model, audio[rows], audio_mask[rows], ids[rows], mask[rows], greedy)
     for row in range(3):
         reference = _reference_greedy(model, windows[row], prompts[row], STEPS, config.eos_token_id)
         alone = generate_tokens(model, windows[row][None], np.ones((1, len(windows[row]))),
                                 *left_pad([prompts[row]], config.pad_token_id), greedy)[0]
         assert _until_eos(tokens[row], config.eos_token_id) == reference, row
         assert _until_eos(alone, config.eos_token_id) == reference, row
+        assert _until_eos(split[row], config.eos_token_id) == reference, row
+    assert _until_eos(split[3], config.eos_token_id) == _until_eos(tokens[2], config.eos_token_id)
     # the test means something: rows differ, and answers are not one repeated token
     assert len({tuple(r) for r in tokens}) == 3
     assert all(len(set(r)) > 1 for r in tokens)
@@ -127,3 +133,11 @@ def test_right_padded_prompts_are_rejected(model):
     with pytest.raises(ValueError, match="LEFT"):
         generate_tokens(model, np.zeros((1, 1, 160000), np.float32), np.ones((1, 1)), np.array([[5, 6, 0]]),
                         np.array([[1, 1, 0]]), SamplingConfig(max_new_tokens=2))
+
+
+def test_data_parallel_mesh_splits_rows_evenly():
+    """Generation splits a batch over the most devices that divide it (the tests simulate 8)."""
+    assert jax.local_device_count() == 8
+    assert data_parallel_mesh(3) is None
+    assert data_parallel_mesh(6).shape == {"data": 2, "fsdp": 1, "tensor": 1}
+    assert data_parallel_mesh(16).devices.size == 8
