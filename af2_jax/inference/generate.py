@@ -21,7 +21,6 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from af2_jax import sharding
-
 from af2_jax.audio.windows import pad_batch
 from af2_jax.inference.sampling import SamplingConfig, next_token
 from af2_jax.models.qwen2 import init_cache
