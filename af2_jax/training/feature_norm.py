@@ -22,6 +22,7 @@ import numpy as np
 from flax import nnx
 
 from af2_jax.audio.mel import log_mel
+from af2_jax.training.input_norm import masked_moments, summed_moments
 
 NORM = ("htsat", "norm")
 NORM_SCALE = "/".join(NORM + ("scale",))  # its path in init_from arrays
@@ -31,25 +32,13 @@ EPS = 1e-6
 
 @nnx.jit
 def _batch_moments(model, audio: jax.Array, audio_mask: jax.Array):
-    """Sum, sum of squares and token count per channel over the HTSAT tokens (eval mode) of one batch's real
-    windows."""
-    tokens = model.htsat(log_mel(audio.astype(jnp.float32)), train=False)  # (B, W, tokens, C)
-    weight = audio_mask[..., None, None].astype(jnp.float32)
-    count = jnp.sum(weight) * tokens.shape[-2]
-    tokens = tokens.astype(jnp.float32)
-    return jnp.sum(tokens * weight, (0, 1, 2)), jnp.sum(jnp.square(tokens) * weight, (0, 1, 2)), count
+    tokens = model.htsat(log_mel(audio.astype(jnp.float32)), train=False)  # (B, W, tokens, C), eval mode
+    return masked_moments(tokens.astype(jnp.float32), audio_mask)
 
 
 def token_moments(model: nnx.Module, batches: Iterable[dict]) -> np.ndarray:
-    """(3, channels) float64: per-channel sum, sum of squares and count of the HTSAT tokens of every real window in
-    `batches` (dicts with 'audio' (B, W, 160000) and 'audio_mask' (B, W)). Moments add across processes."""
-    moments = None
-    for batch in batches:
-        parts = _batch_moments(model, jnp.asarray(batch["audio"]), jnp.asarray(batch["audio_mask"]))
-        s, q, n = (np.asarray(x, np.float64) for x in parts)
-        m = np.stack([s, q, np.full_like(s, n)])
-        moments = m if moments is None else moments + m
-    return moments
+    """(3, channels) float64: per-channel sum, sum of squares and count of the HTSAT tokens of every real window."""
+    return summed_moments(batches, lambda audio, mask: _batch_moments(model, jnp.asarray(audio), jnp.asarray(mask)))
 
 
 def standardised_norm(scale: np.ndarray, bias: np.ndarray, moments: np.ndarray | None, target_std: float = 1.0

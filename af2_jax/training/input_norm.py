@@ -8,7 +8,7 @@ They are running statistics (batch_stats), so checkpoints and exports carry them
 """
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Callable, Iterable
 
 import jax
 import jax.numpy as jnp
@@ -21,24 +21,33 @@ BN0 = ("htsat", "bn0")
 BN0_MEAN = "/".join(BN0 + ("mean",))  # its path in init_from arrays
 
 
-@jax.jit
-def _window_moments(audio: jax.Array, audio_mask: jax.Array):
-    """Sum, sum of squares and frame count per mel bin over the real windows of one batch."""
-    mel = log_mel(audio)  # (B, W, frames, bins)
+def masked_moments(values: jax.Array, audio_mask: jax.Array):
+    """Sum, sum of squares and count per channel (last axis) of `values` (B, W, N, C) over the real windows
+    (`audio_mask` (B, W) nonzero); traced inside each calibration's jitted function."""
     weight = audio_mask[..., None, None].astype(jnp.float32)
-    frames = jnp.sum(weight) * mel.shape[-2]
-    return jnp.sum(mel * weight, (0, 1, 2)), jnp.sum(jnp.square(mel) * weight, (0, 1, 2)), frames
+    count = jnp.sum(weight) * values.shape[-2]
+    return jnp.sum(values * weight, (0, 1, 2)), jnp.sum(jnp.square(values) * weight, (0, 1, 2)), count
 
 
-def log_mel_moments(batches: Iterable[dict]) -> np.ndarray:
-    """(3, bins) float64: per-bin sum, sum of squares and frame count of the log-mel of every real window in
-    `batches` (dicts with 'audio' (B, W, 160000) and 'audio_mask' (B, W)). Moments add across processes."""
+def summed_moments(batches: Iterable[dict], batch_moments: Callable) -> np.ndarray | None:
+    """(3, C) float64: `batch_moments(audio, audio_mask)` (a `masked_moments` triple) added over `batches` (dicts
+    with 'audio' (B, W, 160000) and 'audio_mask' (B, W)); None for no batch. Moments add across processes."""
     moments = None
     for batch in batches:
-        s, q, n = (np.asarray(x, np.float64) for x in _window_moments(batch["audio"], batch["audio_mask"]))
+        s, q, n = (np.asarray(x, np.float64) for x in batch_moments(batch["audio"], batch["audio_mask"]))
         m = np.stack([s, q, np.full_like(s, n)])
         moments = m if moments is None else moments + m
     return moments
+
+
+@jax.jit
+def _window_moments(audio: jax.Array, audio_mask: jax.Array):
+    return masked_moments(log_mel(audio), audio_mask)  # log-mel (B, W, frames, bins)
+
+
+def log_mel_moments(batches: Iterable[dict]) -> np.ndarray:
+    """(3, bins) float64: per-bin sum, sum of squares and frame count of the log-mel of every real window."""
+    return summed_moments(batches, _window_moments)
 
 
 def statistics(moments: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
