@@ -3,8 +3,8 @@ MelSpectrogram(16 kHz, n_fft 1024, hop 160, periodic Hann, center/reflect, power
 norm None) then AmplitudeToDB(top_db=None), transposed to (frames, mels).
 
 The STFT is framing (one gather) + jnp.fft.rfft in float32: FFT error grows like log2(n_fft)*eps, where a DFT
-matmul would need 1 GFLOP per window and precision HIGHEST to stay accurate on GPU/TPU. librosa (for the
-filterbank only) is imported at first use, so `af2_jax.models` may import this module without the data stack.
+matmul would need 1 GFLOP per window and precision HIGHEST to stay accurate on GPU/TPU. The filterbank is plain
+numpy (no librosa), so the train step and `af2_jax.models` run without the data stack.
 """
 from __future__ import annotations
 
@@ -27,12 +27,16 @@ AMIN = 1e-10  # power floor: silence is exactly -100 dB
 
 @functools.lru_cache(maxsize=None)
 def mel_filterbank() -> np.ndarray:
-    """(N_FFT // 2 + 1, N_MELS) float32 HTK mel filters without area normalisation (librosa's, as torchaudio's)."""
-    import librosa
+    """(N_FFT // 2 + 1, N_MELS) float32 HTK mel filters without area normalisation (torchaudio's melscale_fbanks,
+    librosa's htk=True norm=None): triangles between N_MELS + 2 points equally spaced in HTK mel, in float64."""
+    def to_mel(hz):
+        return 2595.0 * np.log10(1.0 + hz / 700.0)
 
-    filters = librosa.filters.mel(sr=SAMPLE_RATE, n_fft=N_FFT, n_mels=N_MELS, fmin=F_MIN, fmax=F_MAX,
-                                  htk=True, norm=None, dtype=np.float32)
-    return np.ascontiguousarray(filters.T)
+    corners = 700.0 * (10.0 ** (np.linspace(to_mel(F_MIN), to_mel(F_MAX), N_MELS + 2) / 2595.0) - 1.0)
+    bins = np.linspace(0.0, SAMPLE_RATE / 2, N_FFT // 2 + 1)
+    rising = (bins[:, None] - corners[None, :-2]) / np.diff(corners)[None, :-1]
+    falling = (corners[None, 2:] - bins[:, None]) / np.diff(corners)[None, 1:]
+    return np.maximum(0.0, np.minimum(rising, falling)).astype(np.float32)
 
 
 @functools.lru_cache(maxsize=None)
