@@ -46,7 +46,7 @@ def make_optimizer(cfg: Any, trainable_patterns: Sequence[str]) -> optax.Gradien
     train = optax.chain(
         optax.clip_by_global_norm(cfg.clip_grad_norm) if cfg.clip_grad_norm > 0 else optax.identity(),
         optax.adamw(learning_rate_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay),
-        learning_rate_multipliers(cfg.get("learning_rate_multipliers", ()) or ()),
+        learning_rate_multipliers(getattr(cfg, "learning_rate_multipliers", ()) or ()),
     )
     return optax.multi_transform({stages.TRAIN: train, stages.FROZEN: optax.set_to_zero()},
                                  stages.param_labels(trainable_patterns))
