@@ -12,6 +12,12 @@ generate: AF2 batched generation (af2_jax.inference.generate), random weights, n
 cost (audio encoder + every layer's audio keys/values, then the prompt through the LLM) per window count, and the
 decode loop's tokens/second per batch size (from the difference of a 1-token and an N-token run, so the prefill is
 not counted twice).
+
+    python launch/benchmark.py attention --preset 3b --batch 8 --tokens 512 --dtype bfloat16
+
+attention: the LLM's self-attention alone (`jax.nn.dot_product_attention`, forward + backward), XLA against cuDNN's
+fused kernel, with the model's own boolean (B, 1, T, S) causal-and-padding mask and with `is_causal=True` alone;
+reports time per call and the largest difference, over real (unpadded) query rows, from XLA's masked output. cuDNN needs a GPU and bf16/fp16.
 """
 from __future__ import annotations
 
@@ -178,9 +184,11 @@ def run_generate(args: argparse.Namespace) -> list[dict]:
     return results
 
 
-def _train_setup(preset: str, stage: int, windows: int, *, remat: str, dtype: str, frozen_dtype: str):
+def _train_setup(preset: str, stage: int, windows: int, *, remat: str, dtype: str, frozen_dtype: str,
+                 attention: str | None = None):
     """(model factory, trainable patterns, optimizer, schedule) as the stage configs build them, without
     ml_collections (plain namespaces)."""
+    import dataclasses
     import types
 
     import jax.numpy as jnp
@@ -191,6 +199,7 @@ def _train_setup(preset: str, stage: int, windows: int, *, remat: str, dtype: st
 
     config = af2_preset(preset, dtype=jnp.dtype(dtype), param_dtype=jnp.float32, remat_policy=remat,
                         max_windows=windows)
+    config = dataclasses.replace(config, llm=dataclasses.replace(config.llm, attention_implementation=attention))
     opt = types.SimpleNamespace(learning_rate=1e-4, warmup_steps=10, weight_decay=0.1, b1=0.9, b2=0.999, eps=1e-8,
                                 clip_grad_norm=1.0)
     patterns = stages.STAGE_TRAINABLE[stage]
@@ -273,11 +282,12 @@ def run_train(args: argparse.Namespace) -> list[dict]:
     results = []
     for stage in args.stages:
         config, make_model, patterns, tx, schedule, frozen_dtype = _train_setup(
-            args.preset, stage, args.windows, remat=args.remat, dtype=args.dtype, frozen_dtype=args.frozen_dtype)
+            args.preset, stage, args.windows, remat=args.remat, dtype=args.dtype, frozen_dtype=args.frozen_dtype,
+            attention=args.attention)
         flops = train_flops(config, stage, args.batch, args.windows, args.tokens)
         common = dict(preset=args.preset, stage=stage, batch=args.batch, windows=args.windows, tokens=args.tokens,
                       dtype=args.dtype, frozen_dtype=args.frozen_dtype, remat=args.remat,
-                      mesh=dict(mesh.shape), model_flops_per_step=flops["total"])
+                      attention=args.attention or "default", mesh=dict(mesh.shape), model_flops_per_step=flops["total"])
         if args.aot:
             split, abstract_state, abstract_frozen = train_state.abstract_train_state(make_model, patterns, tx,
                                                                                       frozen_dtype)
@@ -327,13 +337,75 @@ def run_train(args: argparse.Namespace) -> list[dict]:
                 elapsed = time.perf_counter() - start
             step_s = elapsed / args.iters
             result = dict(benchmark="train", **common, iters=args.iters, first_call_s=round(compile_s, 1),
-                          step_s=round(step_s, 4), text_tokens_per_s=round(args.batch * args.tokens / step_s, 1),
+                          step_s=round(step_s, 4), model_tflops_per_s=round(flops["total"] / step_s / 1e12, 2),
+                          peak_device_gib=_peak_device_gib(), text_tokens_per_s=round(args.batch * args.tokens / step_s, 1),
                           audio_windows_per_s=round(args.batch * args.windows / step_s, 2),
                           backend=jax.default_backend(), devices=len(jax.devices()), cpu_count=os.cpu_count(),
                           machine=platform.platform())
         print(json.dumps(result), flush=True)
         results.append(result)
     return results
+
+
+def run_attention(args: argparse.Namespace) -> list[dict]:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from af2_jax.models.qwen2 import qwen2_preset
+    from af2_jax.models.af2 import AF2_PRESETS
+
+    spec = AF2_PRESETS[args.preset]
+    llm = qwen2_preset(spec["llm"], **spec["llm_overrides"])
+    dtype = jnp.dtype(args.dtype)
+    b, t = args.batch, args.tokens
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.standard_normal((b, t, heads, llm.head_dim)), dtype)
+               for heads in (llm.num_heads, llm.num_kv_heads, llm.num_kv_heads))
+    lengths = np.linspace(t // 2, t, b).astype(np.int32)  # right padding, as training batches are
+    valid = jnp.asarray(np.arange(t)[None, :] < lengths[:, None])
+    mask = (jnp.tril(jnp.ones((t, t), bool))[None] & valid[:, None, :])[:, None]  # the model's (B, 1, T, S)
+    machine = dict(backend=jax.default_backend(), device=str(jax.devices()[0]), machine=platform.platform())
+
+    def attend(implementation, use_mask):
+        def loss(q, k, v):
+            extra = dict(mask=mask) if use_mask else dict(is_causal=True)
+            out = jax.nn.dot_product_attention(q, k, v, scale=llm.head_dim ** -0.5, implementation=implementation,
+                                               **extra)
+            return jnp.sum(jnp.where(valid[:, :, None, None], out, 0).astype(jnp.float32) ** 2), out
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
+
+    results, reference = [], {}
+    for use_mask in (True, False):
+        for implementation in ("xla", "cudnn"):
+            name = dict(preset=args.preset, implementation=implementation, dtype=args.dtype, batch=b, tokens=t,
+                        heads=llm.num_heads, kv_heads=llm.num_kv_heads, head_dim=llm.head_dim,
+                        mask="boolean (B,1,T,S)" if use_mask else "is_causal")
+            fn = attend(implementation, use_mask)
+            try:
+                first, best = _timed(lambda: jax.block_until_ready(fn(q, k, v)), args.iters)
+            except Exception as error:  # noqa: BLE001 - cuDNN refuses shapes, dtypes or backends: report why
+                result = dict(benchmark="attention", **name, error=f"{type(error).__name__}: {str(error)[:300]}")
+            else:
+                (_, out), _ = fn(q, k, v)
+                out = jnp.where(valid[:, :, None, None], out, 0).astype(jnp.float32)
+                reference.setdefault("xla", out)  # the first: XLA with the model's mask
+                flops = 4 * b * llm.num_heads * llm.head_dim * t * (t + 1) / 2 * 3  # causal QK^T + PV, fwd + bwd
+                result = dict(benchmark="attention", **name, compile_s=round(first - best, 2),
+                              ms_per_call=round(1000 * best, 3), tflops_per_s=round(flops / best / 1e12, 1),
+                              max_abs_diff_vs_xla=float(jnp.max(jnp.abs(out - reference["xla"]))))
+            result.update(machine)
+            print(json.dumps(result), flush=True)
+            results.append(result)
+    return results
+
+
+def _peak_device_gib() -> float | None:
+    """Peak bytes the first device's allocator has held (GPU/TPU); None where the backend does not say."""
+    import jax
+    stats = jax.devices()[0].memory_stats() or {}
+    peak = stats.get("peak_bytes_in_use")
+    return round(peak / 2**30, 2) if peak else None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -358,6 +430,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--dtype", default="float32", choices=DTYPES, help="compute dtype")
     tr.add_argument("--frozen-dtype", default="float32", choices=DTYPES, help="storage dtype of frozen weights")
     tr.add_argument("--remat", default="none", help="remat policy of the superblock scan (configs: 'full')")
+    tr.add_argument("--attention", default=None, choices=["xla", "cudnn"],
+                    help="the LLM self-attention's implementation (default: XLA chooses)")
     tr.add_argument("--data", type=int, default=1)
     tr.add_argument("--fsdp", type=int, default=-1)
     tr.add_argument("--tensor", type=int, default=1)
@@ -372,12 +446,19 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--iters", type=int, default=2, help="timed repetitions after the first call (best is kept)")
     gen.add_argument("--dtype", default="float32", choices=DTYPES, help="compute dtype (weights stay float32)")
     gen.set_defaults(func=run_generate)
+    att = sub.add_parser("attention", help="LLM self-attention, forward + backward: XLA against cuDNN")
+    att.add_argument("--preset", default="3b", choices=["tiny", "0.5b", "1.5b", "3b"])
+    att.add_argument("--batch", type=int, default=8)
+    att.add_argument("--tokens", type=int, default=512)
+    att.add_argument("--iters", type=int, default=10, help="timed calls after the first (best is kept)")
+    att.add_argument("--dtype", default="bfloat16", choices=DTYPES)
+    att.set_defaults(func=run_attention)
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    for name in ("windows", "iters", "batch", "batches", "prompt_tokens"):
+    for name in ("windows", "iters", "batch", "batches", "prompt_tokens", "tokens"):
         value = getattr(args, name, 1)
         if min(value if isinstance(value, list) else [value]) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be positive")

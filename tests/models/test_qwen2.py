@@ -132,6 +132,8 @@ def test_config_converts_to_and_from_transformers():
     assert Qwen2Config.from_hf(legacy).param_dtype is jnp.float32
     with pytest.raises(ValueError, match="rope"):
         Qwen2Config.from_hf({**config.to_hf(), "rope_parameters": {"rope_type": "yarn", "rope_theta": 1.0}})
+    with pytest.raises(ValueError, match="attention_implementation"):
+        qwen2_preset("tiny", attention_implementation="flash")
 
 
 def _hf_name_to_ours(name: str, shape: tuple[int, ...], layers: int) -> tuple[str, tuple[int, ...]]:
@@ -189,7 +191,8 @@ def test_remat_and_unroll_keep_outputs_and_gradients(model):
         return jax.jit(jax.value_and_grad(lambda s: jnp.mean(nnx.merge(gd, s)(ids, mask)[0] ** 2)))(state)
 
     ref_loss, ref_grad = loss_of(CONFIG)
-    loss, grad = loss_of(qwen2_preset("tiny", remat_policy="full", scan_unroll=True))  # one compile for both
+    # one compile for all three; 'xla' is what XLA picks by default on CPU (cuDNN needs a GPU)
+    loss, grad = loss_of(qwen2_preset("tiny", remat_policy="full", scan_unroll=True, attention_implementation="xla"))
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
     chex.assert_trees_all_close(grad, ref_grad, rtol=1e-4, atol=1e-7)
 
