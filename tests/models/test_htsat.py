@@ -16,9 +16,9 @@ from af2_jax.models.variables import Buffer
 TOL = dict(atol=1e-4, rtol=1e-4)  # fixture README: HTSAT stages and htsat_out
 
 
-def load_reference_htsat(fixture_dir) -> HTSAT:
+def load_reference_htsat(fixture_dir, **overrides) -> HTSAT:
     """Our HTSAT holding the fixture's weights, read through the conversion table (built abstractly: no random init)."""
-    config = htsat_preset("tiny")
+    config = htsat_preset("tiny", **overrides)
     abstract = nnx.eval_shape(lambda: HTSAT(config, rngs=nnx.Rngs(0)))
     source = PrefixView(SafetensorsSource([fixture_dir / "state_dict.safetensors"]), "clap.nvclap.")
     arrays = import_tensors(af2_torch.htsat_rules(config), source, af2_torch.module_targets(abstract))
@@ -67,6 +67,26 @@ def test_matches_fixture_stage_by_stage(eval_results, fixture_outputs):
         expected = out[name]
         np.testing.assert_allclose(np.asarray(inter[name]).reshape(expected.shape), expected, **TOL, err_msg=name)
     np.testing.assert_allclose(np.asarray(y), out["htsat_out"], **TOL)
+
+
+@pytest.mark.parametrize("budget", [0, 1])
+def test_window_attention_in_groups_matches_fixture(fixture_dir, fixture_outputs, budget):
+    """0: every attention window at once; 1: one window per loop step at every stage (the default on CPU groups
+    2**18 scores, tested above). Same outputs as the reference, and the loop's gradients are the unlooped ones."""
+    model = load_reference_htsat(fixture_dir, attention_chunk_scores=budget)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    mel = jnp.asarray(fixture_outputs["mel"])
+    loss = jax.jit(jax.value_and_grad(lambda p: jnp.sum(nnx.merge(graphdef, p, rest)(mel) ** 2) / mel.shape[0]))
+    value, grads = loss(params)
+    y = nnx.merge(graphdef, params, rest)(mel)
+    np.testing.assert_allclose(np.asarray(y), fixture_outputs["htsat_out"], **TOL)
+    if budget:
+        graphdef0, params0, rest0 = nnx.split(load_reference_htsat(fixture_dir, attention_chunk_scores=0), nnx.Param,
+                                              ...)
+        value0, grads0 = jax.jit(jax.value_and_grad(
+            lambda p: jnp.sum(nnx.merge(graphdef0, p, rest0)(mel) ** 2) / mel.shape[0]))(params0)
+        np.testing.assert_allclose(value, value0, rtol=1e-6)
+        chex.assert_trees_all_close(grads, grads0, rtol=1e-4, atol=1e-4)  # grads reach ~100; float32 sums
 
 
 @pytest.mark.parametrize("windows", [1, 3, 30])
