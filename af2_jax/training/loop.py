@@ -125,7 +125,7 @@ def train(cfg: Any, workdir: str | pathlib.Path, *, make_iterator: Callable[...,
         make_model = initialization.model_factory(model_config, cfg.seed)
 
     patterns = tuple(cfg.trainable)
-    tx = optimizer.make_optimizer(cfg.optimizer, patterns)
+    tx = optimizer.make_optimizer(cfg.optimizer, patterns, cfg.num_steps)
     init_params = initialization.read_init_from(cfg.init_from) if cfg.init_from else None
     split, state, frozen, shardings = train_state.create_train_state(
         make_model, patterns, tx, mesh, initialization.DTYPES[cfg.frozen_param_dtype], params=init_params)
@@ -151,7 +151,7 @@ def train(cfg: Any, workdir: str | pathlib.Path, *, make_iterator: Callable[...,
                                          frozen, make_iterator, workdir, resumed=restored is not None)
 
     step_fn = step_lib.jit_train_step(step_lib.make_train_step(
-        split, tx, optimizer.learning_rate_schedule(cfg.optimizer),
+        split, tx, optimizer.learning_rate_schedule(cfg.optimizer, cfg.num_steps),
         train_htsat=cfg.get("htsat_train_mode", True) and any(p.startswith("htsat") for p in patterns),
         deterministic=cfg.deterministic, seed=cfg.seed),
         mesh, shardings)

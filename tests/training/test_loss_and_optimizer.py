@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import pytest
 
 from af2_jax.training import loss, optimizer, stages
 
@@ -74,6 +75,21 @@ def test_schedule_is_linear_warmup_then_constant():
     for step in (0, 1, 5, 9, 10, 11, 1000):
         expected = 3e-4 * min(step, 10) / 10
         np.testing.assert_allclose(float(schedule(step)), expected, rtol=1e-6, atol=1e-12)
+
+
+def test_cosine_schedule_decays_to_zero_at_num_steps():
+    cfg = _opt_config(learning_rate=2e-4, warmup_steps=10, schedule="cosine")
+    schedule = optimizer.learning_rate_schedule(cfg, num_steps=110)
+    for step in (0, 5, 10, 35, 60, 100, 110, 200):
+        after = min(max(step - 10, 0), 100) / 100
+        expected = 2e-4 * min(step, 10) / 10 if step < 10 else 2e-4 * 0.5 * (1 + np.cos(np.pi * after))
+        np.testing.assert_allclose(float(schedule(step)), expected, rtol=1e-5, atol=1e-12)
+    with pytest.raises(ValueError, match="num_steps"):
+        optimizer.learning_rate_schedule(cfg)
+    short = optimizer.learning_rate_schedule(cfg, num_steps=2)  # ends inside the warmup: no error
+    np.testing.assert_allclose(float(short(1)), 2e-5, rtol=1e-6)
+    with pytest.raises(ValueError, match="schedule"):
+        optimizer.learning_rate_schedule(_opt_config(schedule="linear"), num_steps=100)
 
 
 def test_stage_patterns_select_the_reference_modules():
