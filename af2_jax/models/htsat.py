@@ -34,6 +34,7 @@ generator; we draw the same distributions from `rngs.dropout()`, so training is 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -320,22 +321,47 @@ class WindowAttention(nnx.Module):
         windows = x.shape[-3]
         chunk = _attention_chunk(windows, int(np.prod(lead)) // windows * self.heads * length * length,
                                  self.config.attention_chunk_scores)
-
-        def attend(q, k, v, mask):  # (..., w, L, heads, head_dim) with mask (w, L, L) or None
-            scores = jnp.einsum("...qhd,...khd->...hqk", q, k, preferred_element_type=jnp.float32) + bias
-            if mask is not None:
-                scores = scores + mask[:, None]  # (w, 1, L, L) against (..., w, heads, L, L)
-            probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-            return jnp.einsum("...hqk,...khd->...qhd", probs, v)
-
         if chunk == windows:
-            out = attend(q, k, v, mask)
-        else:  # loop over groups of `chunk` windows: axis -5 of (..., groups, chunk, L, heads, head_dim) to the front
-            group = lambda a: jnp.moveaxis(a.reshape(*a.shape[:-4], windows // chunk, chunk, *a.shape[-3:]), -5, 0)  # noqa: E731
-            groups = (group(q), group(k), group(v), None if mask is None else mask.reshape(-1, chunk, length, length))
-            out = jax.lax.map(lambda xs: attend(*xs), groups)
-            out = jnp.moveaxis(out, 0, -5).reshape(q.shape)
+            out = _attend(q, k, v, bias, mask, self.dtype)
+        else:
+            out = _attend_in_groups(q, k, v, bias, mask, chunk, self.dtype)
         return self.proj(out.reshape(*lead, length, dim))
+
+
+def _attend(q, k, v, bias, mask, dtype):
+    """Softmax attention within windows: q, k, v (..., w, L, heads, head_dim), bias (heads, L, L), mask (w, L, L)
+    or None -> (..., w, L, heads, head_dim)."""
+    scores = jnp.einsum("...qhd,...khd->...hqk", q, k, preferred_element_type=jnp.float32) + bias
+    if mask is not None:
+        scores = scores + mask[:, None]  # (w, 1, L, L) against (..., w, heads, L, L)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+    return jnp.einsum("...hqk,...khd->...qhd", probs, v)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _attend_in_groups(q, k, v, bias, mask, chunk, dtype):
+    """`_attend` as a loop over groups of `chunk` windows (axis -4 of q, k, v). The backward pass is `_attend`'s,
+    unlooped: the loop's own transpose puts cross-device gradient sums inside a while loop, where XLA:CPU's
+    concurrent thunk executor deadlocked two host devices (stage 2, session 7)."""
+    windows = q.shape[-4]
+
+    def group(a):  # (..., windows, L, h, d) -> (windows // chunk, ..., chunk, L, h, d)
+        return jnp.moveaxis(a.reshape(*a.shape[:-4], windows // chunk, chunk, *a.shape[-3:]), -5, 0)
+
+    masks = None if mask is None else mask.reshape(-1, chunk, *mask.shape[1:])
+    out = jax.lax.map(lambda xs: _attend(*xs[:3], bias, xs[3], dtype), (group(q), group(k), group(v), masks))
+    return jnp.moveaxis(out, 0, -5).reshape(q.shape)
+
+
+def _attend_in_groups_forward(q, k, v, bias, mask, chunk, dtype):
+    return _attend_in_groups(q, k, v, bias, mask, chunk, dtype), (q, k, v, bias, mask)
+
+
+def _attend_in_groups_backward(chunk, dtype, residuals, grad):
+    return jax.vjp(lambda *args: _attend(*args, dtype), *residuals)[1](grad)
+
+
+_attend_in_groups.defvjp(_attend_in_groups_forward, _attend_in_groups_backward)
 
 
 def _attention_chunk(windows: int, scores_per_window: int, budget: int) -> int:
