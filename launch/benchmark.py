@@ -70,7 +70,9 @@ def run_encoder(args: argparse.Namespace) -> list[dict]:
     results = []
     for preset in args.presets:
         dtypes = dict(dtype=jnp.dtype(args.dtype))
-        htsat_config = htsat_preset(preset, scan_blocks=not args.unroll_blocks, **dtypes)
+        depths = dict(depths=tuple(args.htsat_depths)) if args.htsat_depths else {}
+        htsat_config = htsat_preset(preset, scan_blocks=not args.unroll_blocks,
+                                    attention_chunk_scores=args.attention_chunk_scores, **depths, **dtypes)
         at_config = audio_transformer_preset(preset, **dtypes)
         htsat = _random_module(lambda: HTSAT(htsat_config, rngs=nnx.Rngs(0)), 0)
         transformer = _random_module(lambda: AudioTransformer(at_config, rngs=nnx.Rngs(0)), 1)
@@ -105,7 +107,8 @@ def run_encoder(args: argparse.Namespace) -> list[dict]:
         elapsed = time.perf_counter() - start
         windows = args.batch * args.windows * args.iters
         result = dict(benchmark="encoder", preset=preset, dtype=args.dtype, batch=args.batch, windows=args.windows,
-                      iters=args.iters, scan_blocks=not args.unroll_blocks, compile_s=round(compile_s, 2), temp_gib=temp_gib,
+                      iters=args.iters, scan_blocks=not args.unroll_blocks, htsat_depths=htsat_config.depths,
+                      attention_chunk_scores=args.attention_chunk_scores, compile_s=round(compile_s, 2), temp_gib=temp_gib,
                       seconds_per_iter=round(elapsed / args.iters, 3), windows_per_s=round(windows / elapsed, 3),
                       backend=jax.default_backend(), devices=len(jax.devices()), device=str(jax.devices()[0]),
                       cpu_count=os.cpu_count(), machine=platform.platform())
@@ -419,6 +422,9 @@ def build_parser() -> argparse.ArgumentParser:
     enc.add_argument("--dtype", default="float32", choices=DTYPES, help="compute dtype (weights stay float32)")
     enc.add_argument("--unroll-blocks", action="store_true", help="unroll the Swin blocks instead of scanning pairs")
     enc.add_argument("--compile-only", action="store_true", help="report the compile time only")
+    enc.add_argument("--htsat-depths", type=int, nargs="+", default=None, help="Swin depths (default: the preset's)")
+    enc.add_argument("--attention-chunk-scores", type=int, default=None,
+                     help="HTSAT window-attention scores per loop step (default: 2**18 on CPU, 0 elsewhere)")
     enc.set_defaults(func=run_encoder)
     tr = sub.add_parser("train", help="curriculum train step: time and tokens/s, or AOT memory and FLOPs")
     tr.add_argument("--preset", default="tiny", choices=["tiny", "0.5b", "1.5b", "3b"])
