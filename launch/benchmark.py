@@ -17,7 +17,8 @@ not counted twice).
 
 attention: the LLM's self-attention alone (`jax.nn.dot_product_attention`, forward + backward), XLA against cuDNN's
 fused kernel, with the model's own boolean (B, 1, T, S) causal-and-padding mask and with `is_causal=True` alone;
-reports time per call and the largest difference, over real (unpadded) query rows, from XLA's masked output. cuDNN needs a GPU and bf16/fp16.
+reports time per call and the largest difference, over real (unpadded) query rows, from XLA's masked output.
+cuDNN needs a GPU and bf16/fp16.
 """
 from __future__ import annotations
 
@@ -108,7 +109,8 @@ def run_encoder(args: argparse.Namespace) -> list[dict]:
         windows = args.batch * args.windows * args.iters
         result = dict(benchmark="encoder", preset=preset, dtype=args.dtype, batch=args.batch, windows=args.windows,
                       iters=args.iters, scan_blocks=not args.unroll_blocks, htsat_depths=htsat_config.depths,
-                      attention_chunk_scores=args.attention_chunk_scores, compile_s=round(compile_s, 2), temp_gib=temp_gib,
+                      attention_chunk_scores=args.attention_chunk_scores, compile_s=round(compile_s, 2),
+                      temp_gib=temp_gib,
                       seconds_per_iter=round(elapsed / args.iters, 3), windows_per_s=round(windows / elapsed, 3),
                       backend=jax.default_backend(), devices=len(jax.devices()), device=str(jax.devices()[0]),
                       cpu_count=os.cpu_count(), machine=platform.platform())
@@ -290,7 +292,8 @@ def run_train(args: argparse.Namespace) -> list[dict]:
         flops = train_flops(config, stage, args.batch, args.windows, args.tokens)
         common = dict(preset=args.preset, stage=stage, batch=args.batch, windows=args.windows, tokens=args.tokens,
                       dtype=args.dtype, frozen_dtype=args.frozen_dtype, remat=args.remat,
-                      attention=args.attention or "default", mesh=dict(mesh.shape), model_flops_per_step=flops["total"])
+                      attention=args.attention or "default", mesh=dict(mesh.shape),
+                      model_flops_per_step=flops["total"])
         if args.aot:
             split, abstract_state, abstract_frozen = train_state.abstract_train_state(make_model, patterns, tx,
                                                                                       frozen_dtype)
@@ -341,7 +344,8 @@ def run_train(args: argparse.Namespace) -> list[dict]:
             step_s = elapsed / args.iters
             result = dict(benchmark="train", **common, iters=args.iters, first_call_s=round(compile_s, 1),
                           step_s=round(step_s, 4), model_tflops_per_s=round(flops["total"] / step_s / 1e12, 2),
-                          peak_device_gib=_peak_device_gib(), text_tokens_per_s=round(args.batch * args.tokens / step_s, 1),
+                          peak_device_gib=_peak_device_gib(),
+                          text_tokens_per_s=round(args.batch * args.tokens / step_s, 1),
                           audio_windows_per_s=round(args.batch * args.windows / step_s, 2),
                           backend=jax.default_backend(), devices=len(jax.devices()), cpu_count=os.cpu_count(),
                           machine=platform.platform())
@@ -355,11 +359,9 @@ def run_attention(args: argparse.Namespace) -> list[dict]:
     import jax.numpy as jnp
     import numpy as np
 
-    from af2_jax.models.qwen2 import qwen2_preset
-    from af2_jax.models.af2 import AF2_PRESETS
+    from af2_jax.models.af2 import af2_preset
 
-    spec = AF2_PRESETS[args.preset]
-    llm = qwen2_preset(spec["llm"], **spec["llm_overrides"])
+    llm = af2_preset(args.preset).llm
     dtype = jnp.dtype(args.dtype)
     b, t = args.batch, args.tokens
     rng = np.random.default_rng(0)
@@ -378,7 +380,7 @@ def run_attention(args: argparse.Namespace) -> list[dict]:
             return jnp.sum(jnp.where(valid[:, :, None, None], out, 0).astype(jnp.float32) ** 2), out
         return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
 
-    results, reference = [], {}
+    results, reference = [], None
     for use_mask in (True, False):
         for implementation in ("xla", "cudnn"):
             name = dict(preset=args.preset, implementation=implementation, dtype=args.dtype, batch=b, tokens=t,
@@ -392,11 +394,11 @@ def run_attention(args: argparse.Namespace) -> list[dict]:
             else:
                 (_, out), _ = fn(q, k, v)
                 out = jnp.where(valid[:, :, None, None], out, 0).astype(jnp.float32)
-                reference.setdefault("xla", out)  # the first: XLA with the model's mask
+                reference = out if reference is None else reference  # the first: XLA with the model's mask
                 flops = 4 * b * llm.num_heads * llm.head_dim * t * (t + 1) / 2 * 3  # causal QK^T + PV, fwd + bwd
                 result = dict(benchmark="attention", **name, compile_s=round(first - best, 2),
                               ms_per_call=round(1000 * best, 3), tflops_per_s=round(flops / best / 1e12, 1),
-                              max_abs_diff_vs_xla=float(jnp.max(jnp.abs(out - reference["xla"]))))
+                              max_abs_diff_vs_xla=float(jnp.max(jnp.abs(out - reference))))
             result.update(machine)
             print(json.dumps(result), flush=True)
             results.append(result)

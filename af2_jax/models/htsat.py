@@ -74,8 +74,8 @@ class HTSATConfig:
     scan_blocks: bool = True  # scan each stage over (unshifted, shifted) block pairs: compiles ~1.5x faster than
     #                           unrolled (docs/PERFORMANCE.md)
     # > 0: window attention loops over groups of attention windows holding about this many scores, so that they stay
-    # in cache between the matmuls and the softmax (CPU forward 2.5-3x faster, docs/PERFORMANCE.md); 0: all windows
-    # at once, what accelerators want; None: 2**18 on the CPU backend, else 0. The results are the same.
+    # in cache between the matmuls and the softmax (CPU encoder forward 1.9-2.4x faster, docs/PERFORMANCE.md); 0: all
+    # windows at once, what accelerators want; None: 2**18 on the CPU backend, else 0. The results are the same.
     attention_chunk_scores: int | None = None
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
@@ -364,8 +364,9 @@ def _attend_in_groups_backward(chunk, dtype, residuals, grad):
 _attend_in_groups.defvjp(_attend_in_groups_forward, _attend_in_groups_backward)
 
 
-def _attention_chunk(windows: int, scores_per_window: int, budget: int) -> int:
-    """The largest divisor of `windows` whose scores fit `budget` (at least 1); all of them when budget is 0."""
+def _attention_chunk(windows: int, scores_per_window: int, budget: int | None) -> int:
+    """The largest divisor of `windows` whose scores fit `budget` (at least 1); all of them when budget is 0;
+    None is 2**18 on the CPU backend and 0 elsewhere."""
     if budget is None:
         budget = 2 ** 18 if jax.default_backend() == "cpu" else 0
     if budget <= 0:

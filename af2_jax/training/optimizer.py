@@ -1,5 +1,6 @@
 """The optimizer of every stage: AdamW with a linear warmup then a constant (the reference's) or cosine-decaying
-learning rate, global-norm gradient clipping, and `optax.multi_transform` so that frozen parameters get zero updates and no Adam moments."""
+learning rate, global-norm gradient clipping, and `optax.multi_transform` so that frozen parameters get zero updates
+and no Adam moments."""
 from __future__ import annotations
 
 from typing import Any, Sequence
@@ -50,12 +51,13 @@ def learning_rate_multipliers(multipliers: Sequence[Sequence[Any]]) -> optax.Gra
 def make_optimizer(cfg: Any, trainable_patterns: Sequence[str], num_steps: int | None = None
                    ) -> optax.GradientTransformation:
     """`cfg` is the config's `optimizer` block (learning_rate, warmup_steps, weight_decay, b1, b2, eps,
-    clip_grad_norm, optional schedule and learning_rate_multipliers); `num_steps` ends a cosine schedule. Works on the trainable subset (the train step's case:
-    every leaf is 'train') as well as on the full parameter tree (frozen leaves then get no state and zero
-    updates)."""
+    clip_grad_norm, optional schedule and learning_rate_multipliers); `num_steps` ends a cosine schedule. Works on
+    the trainable subset (the train step's case: every leaf is 'train') as well as on the full parameter tree
+    (frozen leaves then get no state and zero updates)."""
     train = optax.chain(
         optax.clip_by_global_norm(cfg.clip_grad_norm) if cfg.clip_grad_norm > 0 else optax.identity(),
-        optax.adamw(learning_rate_schedule(cfg, num_steps), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay),
+        optax.adamw(learning_rate_schedule(cfg, num_steps), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                    weight_decay=cfg.weight_decay),
         learning_rate_multipliers(getattr(cfg, "learning_rate_multipliers", ()) or ()),
     )
     return optax.multi_transform({stages.TRAIN: train, stages.FROZEN: optax.set_to_zero()},

@@ -73,18 +73,18 @@ def test_matches_fixture_stage_by_stage(eval_results, fixture_outputs):
 def test_window_attention_in_groups_matches_fixture(fixture_dir, fixture_outputs, budget):
     """0: every attention window at once; 1: one window per loop step at every stage (the default on CPU groups
     2**18 scores, tested above). Same outputs as the reference, and the loop's gradients are the unlooped ones."""
-    model = load_reference_htsat(fixture_dir, attention_chunk_scores=budget)
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     mel = jnp.asarray(fixture_outputs["mel"])
-    loss = jax.jit(jax.value_and_grad(lambda p: jnp.sum(nnx.merge(graphdef, p, rest)(mel) ** 2) / mel.shape[0]))
-    value, grads = loss(params)
-    y = nnx.merge(graphdef, params, rest)(mel)
+
+    def output_loss_and_grads(budget):
+        graphdef, params, rest = nnx.split(load_reference_htsat(fixture_dir, attention_chunk_scores=budget),
+                                           nnx.Param, ...)
+        loss = jax.jit(jax.value_and_grad(lambda p: jnp.sum(nnx.merge(graphdef, p, rest)(mel) ** 2) / mel.shape[0]))
+        return nnx.merge(graphdef, params, rest)(mel), *loss(params)
+
+    y, value, grads = output_loss_and_grads(budget)
     np.testing.assert_allclose(np.asarray(y), fixture_outputs["htsat_out"], **TOL)
     if budget:
-        graphdef0, params0, rest0 = nnx.split(load_reference_htsat(fixture_dir, attention_chunk_scores=0), nnx.Param,
-                                              ...)
-        value0, grads0 = jax.jit(jax.value_and_grad(
-            lambda p: jnp.sum(nnx.merge(graphdef0, p, rest0)(mel) ** 2) / mel.shape[0]))(params0)
+        _, value0, grads0 = output_loss_and_grads(0)
         np.testing.assert_allclose(value, value0, rtol=1e-6)
         chex.assert_trees_all_close(grads, grads0, rtol=1e-4, atol=1e-4)  # grads reach ~100; float32 sums
 
