@@ -266,7 +266,7 @@ def test_sharded_batch_equals_single_device():
         return plain, mlp, structured, flat
 
     def values_and_grads(*args):
-        return [jax.value_and_grad(lambda *x: losses(*x)[i], argnums=(0, 1, 2, 3, 4, 5))(*args) for i in range(4)]
+        return [jax.value_and_grad(lambda *x, i=i: losses(*x)[i], argnums=(0, 1, 2, 3, 4, 5))(*args) for i in range(4)]
 
     args = (a, t, a_mlp, t_mlp, texts, scales)
     single = jax.jit(values_and_grads)(*jax.device_put(args, jax.devices()[0]))
