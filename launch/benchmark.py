@@ -39,23 +39,20 @@ def _random_module(make, seed: int):
     random init compiles many small kernels, and speed does not depend on the values."""
     import jax.numpy as jnp
     import numpy as np
-    from flax import nnx
 
-    from af2_jax.convert.mapping import flatten, unflatten
+    from af2_jax import param_tree
 
-    abstract = nnx.eval_shape(make)
-    graphdef, state = nnx.split(abstract)
+    abstract = param_tree.abstract_model(make)
     rng = np.random.default_rng(seed)
     values = {}
-    for path, leaf in flatten(state.to_pure_dict()).items():
+    for path, leaf in param_tree.model_params(abstract).items():
         if not np.issubdtype(leaf.dtype, np.floating) and leaf.dtype != jnp.bfloat16:
             values[path] = jnp.zeros(leaf.shape, leaf.dtype)
         elif path.endswith("/var"):
             values[path] = jnp.ones(leaf.shape, leaf.dtype)
         else:
             values[path] = jnp.asarray((rng.standard_normal(leaf.shape, np.float32) * 0.02), leaf.dtype)
-    nnx.replace_by_pure_dict(state, unflatten(values))
-    return nnx.merge(graphdef, state)
+    return param_tree.model_from_flat(abstract, values)
 
 
 def run_encoder(args: argparse.Namespace) -> list[dict]:

@@ -13,12 +13,10 @@ structural buffers (Swin `relative_position_index`, shifted-window `attn_mask`, 
 """
 from __future__ import annotations
 
-from typing import Mapping
 
 import numpy as np
-from flax import nnx
 
-from af2_jax.convert.mapping import CONV2D, IDENTITY, LINEAR, Derived, Rule, Tensor, Transform, flatten, unflatten
+from af2_jax.convert.mapping import CONV2D, IDENTITY, LINEAR, Derived, Rule, Tensor, Transform
 from af2_jax.models import rope
 from af2_jax.models.audio_transformer import AudioTransformerConfig
 from af2_jax.models.htsat import HTSATConfig, relative_position_index, shift_attention_mask
@@ -117,27 +115,3 @@ def audio_transformer_rules(config: AudioTransformerConfig, prefix: str = "audio
     rules += _layer_norm(f"{ol}/ffn_norm", f"{tl}.pos_ffn.layer_norm")
     rules.append(Derived(lambda: {f"{p}position_enc.inv_freq": audio_transformer_inv_freq(config)}))
     return rules
-
-
-# -- our side: shapes to fill, and filling a module -------------------------------------------------------------
-
-def module_targets(module: nnx.Module) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-    """Flat path -> (shape, dtype) of every variable of `module` (concrete, or abstract from `nnx.eval_shape`)."""
-    return {path: (tuple(v.shape), np.dtype(v.dtype))
-            for path, v in flatten(nnx.state(module).to_pure_dict()).items()}
-
-
-def load_flat(module: nnx.Module, arrays: Mapping[str, np.ndarray]) -> None:
-    """Writes a flat {path: array} dict (e.g. from `import_tensors`) into `module` in place; every path must exist."""
-    state = nnx.state(module)
-    known = set(flatten(state.to_pure_dict()))
-    unknown = sorted(set(arrays) - known)
-    if unknown:
-        raise KeyError(f"paths not in the module: {unknown}")
-    nnx.replace_by_pure_dict(state, unflatten(arrays))
-    nnx.update(module, state)
-
-
-def module_arrays(module: nnx.Module) -> dict[str, np.ndarray]:
-    """Flat path -> numpy array of every variable of `module` (what `export_tensors` takes)."""
-    return {path: np.asarray(v) for path, v in flatten(nnx.state(module).to_pure_dict()).items()}

@@ -24,6 +24,8 @@ from typing import Callable, Iterable, Iterator, Mapping, Protocol, Sequence
 
 import numpy as np
 
+from af2_jax.param_tree import ConversionError  # noqa: F401  (raised here; converters import it from here too)
+
 
 @dataclasses.dataclass(frozen=True)
 class Transform:
@@ -69,24 +71,14 @@ class Derived:
 Rule = Tensor | Alias | Derived
 
 
-class ConversionError(ValueError):
-    """A conversion that does not account for every key; the message names each offending key."""
-
-    def __init__(self, problems: Mapping[str, Sequence[str]]):
-        self.problems = {k: list(v) for k, v in problems.items() if v}
-        lines = []
-        for kind, items in self.problems.items():
-            lines.append(f"{len(items)} {kind}:")
-            lines.extend(f"  {item}" for item in items)
-        super().__init__("checkpoint conversion does not account for every key\n" + "\n".join(lines))
-
-
 class TensorSource(Protocol):
     """Random access to a foreign state dict without loading it whole."""
 
     def keys(self) -> list[str]: ...
 
     def get(self, key: str) -> np.ndarray: ...
+
+    def shape(self, key: str) -> tuple[int, ...]: ...
 
 
 _PLACEHOLDER = re.compile(r"\{(\w+)\}")
@@ -171,6 +163,7 @@ def import_tensors(rules: Iterable[Rule], source: TensorSource, targets: Mapping
     derived_values = _derived_values(derived)
     out: dict[str, np.ndarray] = {}
     filled: dict[str, np.ndarray] = {}  # our path -> bool mask over its stacked leading axes
+    misshaped: set[str] = set()  # reported as mis-shaped, so not also as missing
     problems: dict[str, list[str]] = {"unexpected keys": [], "missing keys": [], "mis-shaped keys": [],
                                       "keys that differ from their twin": [], "buffers that differ from the recomputed value": []}
     for key in source.keys():
@@ -202,11 +195,13 @@ def import_tensors(rules: Iterable[Rule], source: TensorSource, targets: Mapping
             value = compiled.rule.transform.to_ours(source.get(key))
         except ValueError as e:  # a reshape that cannot apply
             problems["mis-shaped keys"].append(f"{key}: {e}")
+            misshaped.add(name)
             continue
         if tuple(value.shape) != slice_shape:
             problems["mis-shaped keys"].append(
                 f"{key}: got {_shape_str(compiled.rule.transform.to_theirs(value).shape)}, expected "
                 f"{_shape_str(compiled.rule.transform.to_theirs(np.empty(slice_shape, np.int8)).shape)}")
+            misshaped.add(name)
             continue
         if path not in out:
             out[path] = np.empty(shape, dtype)
@@ -229,7 +224,8 @@ def import_tensors(rules: Iterable[Rule], source: TensorSource, targets: Mapping
         done = filled.get(path, np.zeros(stack_shape, bool))
         for index in zip(*np.nonzero(~done)) if stack_shape else [()]:
             values = dict(groups, **{n: int(i) for n, i in zip(compiled.stacked, index)})
-            problems["missing keys"].append(_fill(compiled.rule.theirs, values))
+            if _fill(compiled.rule.theirs, values) not in misshaped:
+                problems["missing keys"].append(_fill(compiled.rule.theirs, values))
     if any(problems.values()):
         raise ConversionError(problems)
     return out
@@ -269,27 +265,3 @@ def export_tensors(rules: Iterable[Rule], params: Mapping[str, np.ndarray]) -> I
             yield from emit(_fill(compiled.rule.theirs, values), compiled.rule.transform.to_theirs(array[index]))
     for key, value in _derived_values(derived).items():
         yield key, value
-
-
-def flatten(tree: Mapping, prefix: str = "") -> dict[str, np.ndarray]:
-    """Nested dict (e.g. `nnx.State.to_pure_dict()`) -> {'a/b/0/c': leaf}."""
-    flat = {}
-    for k, v in tree.items():
-        path = f"{prefix}{k}"
-        if isinstance(v, Mapping):
-            flat.update(flatten(v, path + "/"))
-        else:
-            flat[path] = v
-    return flat
-
-
-def unflatten(flat: Mapping[str, np.ndarray]) -> dict:
-    """Inverse of `flatten`; all-digit path parts become int keys (nnx.List indices)."""
-    tree: dict = {}
-    for path, v in flat.items():
-        parts = [int(p) if p.isdigit() else p for p in path.split("/")]
-        node = tree
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-        node[parts[-1]] = v
-    return tree

@@ -21,8 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from af2_jax import param_tree
 from af2_jax.convert import commands
-from af2_jax.convert.mapping import (IDENTITY, LINEAR, Alias, ConversionError, Rule, Tensor, export_tensors, flatten,
+from af2_jax.convert.mapping import (IDENTITY, LINEAR, Alias, ConversionError, Rule, Tensor, export_tensors,
                                      import_tensors)
 from af2_jax.convert.tensor_files import SafetensorsSource, ShardedSafetensorsWriter
 from af2_jax.models.qwen2 import Qwen2Config, Qwen2ForCausalLM
@@ -71,8 +72,7 @@ def qwen2_rules(config: Qwen2Config, prefix: str = "", *, ours_prefix: str = "")
 
 def param_shapes(config: Qwen2Config) -> dict[str, jax.ShapeDtypeStruct]:
     """Our flat path -> shape/dtype of every parameter, without allocating the model."""
-    abstract = nnx.eval_shape(lambda: Qwen2ForCausalLM(config, rngs=nnx.Rngs(0)))
-    return flatten(nnx.state(abstract).to_pure_dict())
+    return param_tree.model_params(param_tree.abstract_model(lambda: Qwen2ForCausalLM(config, rngs=nnx.Rngs(0))))
 
 
 def num_hf_tensors(config: Qwen2Config) -> int:

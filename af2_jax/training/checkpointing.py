@@ -16,7 +16,7 @@ import json
 import logging
 import pathlib
 import shutil
-from typing import Any, Mapping
+from typing import Any
 
 import grain.checkpoint as grain_checkpoint
 import jax
@@ -24,42 +24,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from af2_jax.training.stages import path_string
+from af2_jax.param_tree import from_pure, path_string, to_pure
 
 STATE, DATA = "state", "data"
 
 
 def _is_variable(x) -> bool:
     return isinstance(x, nnx.Variable)
-
-
-def _key(entry) -> str:
-    return path_string([entry])
-
-
-def to_pure(tree: Any) -> dict:
-    """Any pytree (nnx.State, optax state, dicts) -> nested dict of str keys with array leaves; nodes without leaves
-    (optax's MaskedNode / EmptyState) disappear and come back from the abstract target in `from_pure`."""
-    pure: dict = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_variable)[0]:
-        node = pure
-        keys = [_key(p) for p in path]
-        for k in keys[:-1]:
-            node = node.setdefault(k, {})
-        node[keys[-1]] = leaf.get_value() if _is_variable(leaf) else leaf
-    return pure
-
-
-def from_pure(pure: Mapping, abstract: Any) -> Any:
-    """Inverse of `to_pure`: the arrays of `pure` put back into the structure (and Variables) of `abstract`."""
-    paths_leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract, is_leaf=_is_variable)
-    leaves = []
-    for path, leaf in paths_leaves:
-        value: Any = pure
-        for p in path:
-            value = value[_key(p)]
-        leaves.append(leaf.replace(value) if _is_variable(leaf) else value)
-    return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
 def abstract_with_shardings(abstract: Any, shardings: Any) -> Any:

@@ -8,6 +8,7 @@ from typing import Any, Sequence
 import jax
 import optax
 
+from af2_jax import param_tree
 from af2_jax.training import stages
 
 
@@ -38,7 +39,7 @@ def learning_rate_multipliers(multipliers: Sequence[Sequence[Any]]) -> optax.Gra
 
     def factors(tree):
         def factor(path, _):
-            path = stages.leaf_path_string(path)
+            path = param_tree.leaf_path_string(path)
             return next((f for match, f in rules if match(path)), 1.0)
         return jax.tree_util.tree_map_with_path(factor, tree)
 

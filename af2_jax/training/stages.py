@@ -7,10 +7,12 @@ taken for them, and (b) the 'train' / 'frozen' labels of the optimizer's `optax.
 from __future__ import annotations
 
 import re
-from typing import Any, Sequence
+from typing import Sequence
 
 import jax
 from flax import nnx
+
+from af2_jax.param_tree import leaf_path_string, path_string
 
 TRAIN = "train"
 FROZEN = "frozen"
@@ -21,29 +23,6 @@ STAGE1 = ("audio_transformer/.*", "xattn/.*", "llm/embed_tokens/.*")
 # Stages 2 and 3 (fine-tuning, long audio): the same plus the HTSAT encoder (clap_config.finetune: true).
 STAGE2 = STAGE1 + ("htsat/.*",)
 STAGE_TRAINABLE: dict[int, tuple[str, ...]] = {1: STAGE1, 2: STAGE2, 3: STAGE2}
-
-
-def path_string(path: Sequence[Any]) -> str:
-    """An NNX / pytree key path as our '/'-joined parameter path."""
-    parts = []
-    for p in path:
-        for attr in ("key", "name", "idx"):  # DictKey, GetAttrKey, SequenceKey
-            if hasattr(p, attr):
-                p = getattr(p, attr)
-                break
-        parts.append(str(p))
-    return "/".join(parts)
-
-
-def leaf_path_string(path: Sequence[Any]) -> str:
-    """The '/'-path of an array leaf, also when a tree_map over nnx.State reaches it below a Variable's 'value'."""
-    return path_string([p for p in path if getattr(p, "name", None) != "value"])
-
-
-def variable_paths(tree: Any) -> list[str]:
-    """The '/'-paths of every nnx.Variable in `tree` (an nnx.State or a pytree holding Variables)."""
-    leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: isinstance(x, nnx.Variable))[0]
-    return [path_string(p) for p, _ in leaves]
 
 
 class PathMatcher:
@@ -76,9 +55,13 @@ def param_labels(patterns: Sequence[str]):
     return labels
 
 
+class PatternError(ValueError):
+    """A trainable pattern that selects no parameter."""
+
+
 def check_patterns_match(patterns: Sequence[str], param_paths: Sequence[str]) -> None:
     """Every pattern must select at least one parameter: a typo must not silently freeze a component."""
     unmatched = [p for p in patterns if not any(PathMatcher([p])(path) for path in param_paths)]
     if unmatched:
-        raise ValueError(f"trainable patterns {unmatched} match no parameter; parameter paths start with "
+        raise PatternError(f"trainable patterns {unmatched} match no parameter; parameter paths start with "
                          f"{sorted({path.split('/')[0] for path in param_paths})}")

@@ -21,6 +21,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from af2_jax import param_tree
 from af2_jax import sharding as shd
 from af2_jax.training import initialization, stages
 
@@ -91,7 +92,7 @@ def abstract_train_state(make_model: Callable[[], nnx.Module], trainable_pattern
             out["split"] = split
             return state, frozen
         state, frozen = jax.eval_shape(build)
-    stages.check_patterns_match(trainable_patterns, stages.variable_paths(nnx.merge_state(state["trainable"], frozen)))
+    stages.check_patterns_match(trainable_patterns, param_tree.variable_paths(nnx.merge_state(state["trainable"], frozen)))
     return out["split"], state, frozen
 
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 from flax import nnx
 
+from af2_jax import param_tree
 from af2_jax.convert import af2_torch
 from af2_jax.convert.mapping import ConversionError, export_tensors, import_tensors
 from af2_jax.convert.tensor_files import SafetensorsSource, TorchFileSource
@@ -43,7 +44,7 @@ def _tables(ours_prefix=("", "")):
     targets = {}
     for prefix, make in zip(ours_prefix, (lambda: HTSAT(htsat_config, rngs=nnx.Rngs(0)),
                                           lambda: AudioTransformer(at_config, rngs=nnx.Rngs(0)))):
-        targets.update({prefix + k: v for k, v in af2_torch.module_targets(nnx.eval_shape(make)).items()})
+        targets.update({prefix + k: v for k, v in param_tree.param_targets(nnx.eval_shape(make)).items()})
     return rules, targets
 
 
@@ -109,7 +110,7 @@ def test_af_clap_checkpoint_form(reference, tmp_path):
     state["module.audio_projection.0.weight"] = torch.zeros(2, 2)
     torch.save({"epoch": 16, "state_dict": state}, tmp_path / "epoch_16.pt")
     config = htsat_preset("tiny")
-    targets = af2_torch.module_targets(nnx.eval_shape(lambda: HTSAT(config, rngs=nnx.Rngs(0))))
+    targets = param_tree.param_targets(nnx.eval_shape(lambda: HTSAT(config, rngs=nnx.Rngs(0))))
     from_pt = import_tensors(af2_torch.htsat_rules(config, prefix=""),
                              TorchFileSource(tmp_path / "epoch_16.pt", select_prefix="module.audio_branch."), targets)
     from_safetensors = import_tensors(af2_torch.htsat_rules(config),
@@ -126,7 +127,7 @@ def test_large_tables_cover_the_reference_key_counts():
         (af2_torch.htsat_rules(htsat_preset("large")), lambda: HTSAT(htsat_preset("large"), rngs=nnx.Rngs(0)), 317),
         (af2_torch.audio_transformer_rules(audio_transformer_preset("large")),
          lambda: AudioTransformer(audio_transformer_preset("large"), rngs=nnx.Rngs(0)), 39)]:
-        targets = af2_torch.module_targets(nnx.eval_shape(make))
+        targets = param_tree.param_targets(nnx.eval_shape(make))
         zeros = {p: np.broadcast_to(np.zeros((), dtype), shape) for p, (shape, dtype) in targets.items()}
         shapes = {k: v.shape for k, v in export_tensors(rules, zeros)}
         assert len(shapes) == expected

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from af2_jax.convert.mapping import (CONV2D, LINEAR, Alias, ConversionError, Derived, Tensor, export_tensors,
-                                     flatten, import_tensors, reshape, unflatten)
+                                     import_tensors, reshape)
+from af2_jax.param_tree import flatten, unflatten
 
 
 class DictSource:

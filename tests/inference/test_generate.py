@@ -11,7 +11,7 @@ from flax import nnx
 from af2_jax.inference.generate import data_parallel_mesh, encode_audio_kv, generate_tokens, left_pad
 from af2_jax.inference.sampling import SamplingConfig
 from af2_jax.convert.af2_release import import_release
-from af2_jax.convert.mapping import unflatten
+from af2_jax.param_tree import unflatten
 from af2_jax.models.af2 import AF2Model
 
 STEPS = 6

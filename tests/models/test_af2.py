@@ -11,7 +11,8 @@ import transformers
 from flax import nnx
 
 from af2_jax.convert.af2_release import import_release
-from af2_jax.convert.mapping import export_tensors, flatten, unflatten
+from af2_jax.param_tree import flatten, unflatten
+from af2_jax.convert.mapping import export_tensors
 from af2_jax.convert.qwen2_hf import qwen2_rules
 from af2_jax.models.af2 import AF2Model, af2_preset, text_positions
 from af2_jax.models.htsat import htsat_preset

@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from af2_jax import param_tree
 from af2_jax.convert import af2_torch
-from af2_jax.convert.mapping import import_tensors, unflatten
+from af2_jax.param_tree import unflatten
+from af2_jax.convert.mapping import import_tensors
 from af2_jax.convert.tensor_files import PrefixView, SafetensorsSource
 from af2_jax.models.audio_encoder import encode_audio
 from af2_jax.models.audio_transformer import AudioTransformer, audio_transformer_preset
@@ -20,7 +22,7 @@ def _load(fixture_dir, make, rules, prefix):
     """Builds the module abstractly (no random init) and fills it from the fixture through the conversion table."""
     abstract = nnx.eval_shape(make)
     source = PrefixView(SafetensorsSource([fixture_dir / "state_dict.safetensors"]), prefix)
-    arrays = import_tensors(rules, source, af2_torch.module_targets(abstract))
+    arrays = import_tensors(rules, source, param_tree.param_targets(abstract))
     graphdef, state = nnx.split(abstract)
     nnx.replace_by_pure_dict(state, unflatten({k: jnp.asarray(v) for k, v in arrays.items()}))
     return nnx.merge(graphdef, state)

@@ -13,7 +13,7 @@ from flax import nnx
 
 import af2_jax  # noqa: F401
 from af2_jax import sharding
-from af2_jax.convert.mapping import flatten
+from af2_jax.param_tree import flatten
 from af2_jax.models import rope
 from af2_jax.models.qwen2 import (QWEN2_PRESETS, KVCache, Qwen2Attention, Qwen2Config, Qwen2DecoderLayer,
                                   Qwen2ForCausalLM, Qwen2MLP, RMSNorm, attention_inputs, causal_attention_mask,

@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 import af2_jax  # noqa: F401
-from af2_jax.convert.mapping import unflatten
+from af2_jax.param_tree import unflatten
 from af2_jax.convert.qwen2_hf import import_hf
 from af2_jax.models.qwen2 import Qwen2ForCausalLM, init_cache
 from tests.models.qwen2_reference import HF_CONFIGS, hf_position_ids, left_padded_batch, make_hf_qwen2

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from af2_jax import param_tree
 from af2_jax.convert import mapping
 from af2_jax.convert.af2_release import xattn_rules
 from af2_jax.convert.tensor_files import PrefixView, SafetensorsSource
@@ -17,11 +18,11 @@ CONFIG = XAttnConfig(dim=64, dim_audio=128)  # the fixture's shapes (heads 8, di
 def _block_from_fixture(fixture_dir, layer: int) -> GatedCrossAttentionBlock:
     block = GatedCrossAttentionBlock(CONFIG, rngs=nnx.Rngs(0))
     prefix = f"lang_encoder.model.layers.{layer}.gated_cross_attn_layer_sound."
-    flat = mapping.flatten(nnx.state(block).to_pure_dict())
+    flat = param_tree.flatten(nnx.state(block).to_pure_dict())
     targets = {k: (v.shape, v.dtype) for k, v in flat.items()}
     source = PrefixView(SafetensorsSource([fixture_dir / "state_dict.safetensors"]), prefix)
     loaded = mapping.import_tensors(xattn_rules(CONFIG, prefix, ""), source, targets)
-    nnx.update(block, mapping.unflatten({k: jnp.asarray(v) for k, v in loaded.items()}))
+    nnx.update(block, param_tree.unflatten({k: jnp.asarray(v) for k, v in loaded.items()}))
     return block
 
 

@@ -121,8 +121,7 @@ def tiny_model_factory(cfg=None):
 def flat(tree):
     """'/'-pathed host arrays of an nnx.State / pytree."""
     import jax
-    from af2_jax.training.checkpointing import to_pure
-    from af2_jax.training.stages import path_string
+    from af2_jax.param_tree import path_string, to_pure
     return {path_string(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(to_pure(tree))[0]}
 
 

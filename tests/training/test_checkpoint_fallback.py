@@ -8,6 +8,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
+from af2_jax import param_tree
 from af2_jax.training import checkpointing
 from helpers import RandomBatches
 
@@ -20,7 +21,7 @@ def _state(value):
 
 def test_pure_dict_round_trip_of_optimizer_state():
     state = _state(2.0)
-    back = checkpointing.from_pure(checkpointing.to_pure(state), state)
+    back = param_tree.from_pure(param_tree.to_pure(state), state)
     assert jax.tree.structure(back) == jax.tree.structure(state)
     jax.tree.map(np.testing.assert_array_equal, back, state)
 
