@@ -1,12 +1,19 @@
-"""Our on-disk format for pretrained models, written by every converter and read by training and inference.
+"""Our on-disk format for models, written by every converter and by training, read by every command.
 
-A directory holding
+A model directory holds, always together:
 - `config.json`: `{"model": "<kind>", "config": {<config dataclass fields>}}`; nested config dataclasses become
   nested objects, dtypes become their names ("float32", "bfloat16"), tuples become lists;
 - `params/`: an Orbax `StandardCheckpointer` checkpoint of the *nested* pure dict of the model's variables (string
-  keys, the '/'-separated paths of `mapping.flatten` split into levels). Nested rather than '/'-keyed because Orbax
-  names arrays by their tree path; dtypes (fp32, bf16) are stored as given;
-- anything else (a tokenizer, a README): ignored here.
+  keys, the '/'-separated paths of `param_tree.flatten` split into levels). Nested rather than '/'-keyed because
+  Orbax names arrays by their tree path; dtypes (fp32, bf16) are stored as given, shardings are not relied on: a
+  model saved on any mesh loads on any other, or on one device;
+- `tokenizer/`: the tokenizer whose special-token ids the config holds (`AF2Tokenizer.save`), when the model has
+  one (an AF2 model always should; a bare Qwen2 may not);
+- anything else (a README, eval results): ignored here.
+
+`resolve(path)` accepts a model directory, a training workdir (its exported `final/`) or that `final/` itself, so
+every command takes any of them. A training workdir keeps its own run config in `run_config.json` (older runs:
+`config.json` without a "model" key, still read).
 
 `MODEL_KINDS` maps a kind to the module, config class and model class to use; entries are resolved lazily, so
 loading a Qwen2 never imports AF2 and a new kind is one `register_model_kind(...)` line. Models are rebuilt with
@@ -27,11 +34,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from af2_jax import sharding
-from af2_jax.convert.mapping import ConversionError, flatten, unflatten
+from af2_jax import param_tree, sharding
 
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
+TOKENIZER_DIR = "tokenizer"
+# a training workdir (af2_jax/training/loop.py): the exported model, the checkpoints and the run's own config
+FINAL_DIR = "final"
+CHECKPOINT_DIR = "checkpoints"
+RUN_CONFIG_FILE = "run_config.json"
+LEGACY_RUN_CONFIG_FILE = "config.json"  # before run_config.json; told apart from a model's by its missing "model"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,70 +158,112 @@ def config_from_dict(cls: type, data: Mapping[str, Any], *, where: str = "config
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# model directories and workdirs
+
+
+def _names_a_model(config_file: Path) -> bool:
+    """Whether a config.json is a model's (it names a model kind) rather than a training run's."""
+    try:
+        data = json.loads(config_file.read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return isinstance(data, dict) and "model" in data
+
+
+def is_model_dir(path: str | os.PathLike) -> bool:
+    """Whether `path` holds a model in our format (a config.json naming a model kind, and params/)."""
+    path = Path(path)
+    return (path / PARAMS_DIR).is_dir() and _names_a_model(path / CONFIG_FILE)
+
+
+def run_config_file(workdir: str | os.PathLike) -> Path | None:
+    """A training workdir's run config (ml_collections JSON), or None if `workdir` is not one."""
+    workdir = Path(workdir)
+    if (workdir / RUN_CONFIG_FILE).is_file():
+        return workdir / RUN_CONFIG_FILE
+    legacy = workdir / LEGACY_RUN_CONFIG_FILE
+    if legacy.is_file() and not _names_a_model(legacy):
+        return legacy
+    return None
+
+
+def read_run_config(workdir: str | os.PathLike) -> dict:
+    path = run_config_file(workdir)
+    if path is None:
+        raise FileNotFoundError(f"{workdir}: not a training workdir (no {RUN_CONFIG_FILE})")
+    return _read_json(path)
+
+
+def resolve(path: str | os.PathLike) -> Path:
+    """The model directory that `path` names: itself, or a training workdir's exported `final/`. A workdir whose
+    run has not finished has no model yet: the error says so (training's `init_from` accepts such a workdir)."""
+    path = Path(path).absolute()
+    if _names_a_model(path / CONFIG_FILE):  # a model directory (loading it says what, if anything, is wrong)
+        return path
+    if is_model_dir(path / FINAL_DIR):
+        return path / FINAL_DIR
+    if run_config_file(path) is not None:
+        steps = sorted(int(p.name) for p in (path / CHECKPOINT_DIR).glob("*") if p.name.isdigit())
+        where = f"its newest checkpoint is step {steps[-1]}" if steps else "it has no checkpoint"
+        raise FileNotFoundError(f"{path}: a training workdir whose run has not finished ({where}, no {FINAL_DIR}/ "
+                                f"model yet); re-run its training command to finish it")
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such directory")
+    raise FileNotFoundError(f"{path}: not a model directory ({CONFIG_FILE} + {PARAMS_DIR}/) nor a training workdir "
+                            f"with {FINAL_DIR}/")
+
+
+def load_tokenizer(path: str | os.PathLike, override: str | os.PathLike | None = None):
+    """The tokenizer of the model at `path` (anything `resolve` takes): `override` if given, else its `tokenizer/`.
+    Models exported by training before tokenizers were saved with them fall back to their run's `tokenizer`
+    setting, or the synthetic dataset's tiny tokenizer when that was empty (what that run trained with)."""
+    from af2_jax import tokenizer
+
+    if override:
+        return tokenizer.AF2Tokenizer.from_dir(override)
+    model_dir = resolve(path)
+    if (model_dir / TOKENIZER_DIR).is_dir():
+        return tokenizer.AF2Tokenizer.from_dir(model_dir / TOKENIZER_DIR)
+    if model_dir.name == FINAL_DIR and run_config_file(model_dir.parent) is not None:
+        return tokenizer.load_tokenizer(read_run_config(model_dir.parent).get("tokenizer"))
+    raise tokenizer.TokenizerError(f"{model_dir}: holds no {TOKENIZER_DIR}/; pass the tokenizer directory it was "
+                                   f"trained with (--tokenizer DIR)")
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # params
-
-
-def _nest(flat: Mapping[str, Any]) -> dict:
-    """'/'-paths -> nested dict with string keys (Orbax keys must match exactly between save and restore)."""
-    tree: dict = {}
-    for path, value in flat.items():
-        *parents, leaf = path.split("/")
-        node = tree
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return tree
-
-
-def _flat_params(params_or_model: Any) -> dict[str, Any]:
-    if isinstance(params_or_model, nnx.Module):
-        params_or_model = nnx.state(params_or_model, nnx.Not(nnx.RngState))
-    if isinstance(params_or_model, nnx.State):
-        params_or_model = params_or_model.to_pure_dict()
-    return flatten(params_or_model)
 
 
 def abstract_model(kind: str, config: Any) -> nnx.Module:
     """The model of `kind` with ShapeDtypeStruct variables (nothing allocated)."""
     _, build = MODEL_KINDS[kind].resolve()
-    return nnx.eval_shape(lambda: build(config, rngs=nnx.Rngs(0)))
-
-
-def _expected_params(model: nnx.Module) -> dict[str, jax.ShapeDtypeStruct]:
-    return flatten(nnx.state(model, nnx.Not(nnx.RngState)).to_pure_dict())
-
-
-def _check_params(where: str, expected: Mapping[str, Any], got: Mapping[str, Any]) -> None:
-    problems = {
-        "missing parameters": [p for p in expected if p not in got],
-        "unexpected parameters": [p for p in got if p not in expected],
-        "mis-shaped parameters": [f"{p}: got {tuple(np.shape(v))}, expected {tuple(expected[p].shape)}"
-                                  for p, v in got.items() if p in expected
-                                  and tuple(np.shape(v)) != tuple(expected[p].shape)],
-    }
-    if any(problems.values()):
-        raise ConversionError({f"{kind} ({where})": items for kind, items in problems.items()})
+    return param_tree.abstract_model(lambda: build(config, rngs=nnx.Rngs(0)))
 
 
 def _read_json(path: Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file (not a pretrained model directory)")
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
 
 
-def save(directory: str | os.PathLike, config: Any, params_or_model: Any, *, overwrite: bool = False) -> Path:
-    """Writes `config.json` and `params/` into `directory` (other files there are left alone).
+def save(directory: str | os.PathLike, config: Any, params_or_model: Any, *, tokenizer: Any = None,
+         overwrite: bool = False) -> Path:
+    """Writes `config.json`, `params/` and, given an `AF2Tokenizer`, `tokenizer/` into `directory` (other files
+    there are left alone).
 
     `params_or_model` is an nnx model, its state, a nested pure dict or a flat '/'-keyed dict; it must match the
     model that `config` builds exactly (names and shapes), so that `load` can always rebuild it.
     """
     directory = Path(directory).absolute()
     kind = kind_of(config)
-    params = _flat_params(params_or_model)
-    _check_params(str(directory), _expected_params(abstract_model(kind, config)), params)
+    params = param_tree.model_params(params_or_model)
+    param_tree.check_params(str(directory), param_tree.model_params(abstract_model(kind, config)), params)
     params_dir = directory / PARAMS_DIR
     if params_dir.exists() and not overwrite:
         raise FileExistsError(f"{params_dir}: already exists (pass overwrite=True to replace it)")
@@ -217,7 +271,9 @@ def save(directory: str | os.PathLike, config: Any, params_or_model: Any, *, ove
     import orbax.checkpoint as ocp
 
     with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(params_dir, _nest(params), force=overwrite)
+        checkpointer.save(params_dir, param_tree.nest(params), force=overwrite)
+    if tokenizer is not None:
+        tokenizer.save(directory / TOKENIZER_DIR)
     (directory / CONFIG_FILE).write_text(json.dumps({"model": kind, "config": config_to_dict(config)}, indent=2)
                                          + "\n")
     return directory
@@ -228,7 +284,7 @@ def read_config(directory: str | os.PathLike) -> tuple[str, Any]:
     path = Path(directory) / CONFIG_FILE
     data = _read_json(path)
     kind = data.get("model")
-    if kind not in MODEL_KINDS:
+    if not isinstance(kind, str) or kind not in MODEL_KINDS:
         raise ValueError(f"{path}: unknown model kind {kind!r}; known kinds: {sorted(MODEL_KINDS)}")
     if not isinstance(data.get("config"), Mapping):
         raise ValueError(f"{path}: no 'config' object")
@@ -237,39 +293,46 @@ def read_config(directory: str | os.PathLike) -> tuple[str, Any]:
 
 
 def _restore(directory: Path, kind: str, config: Any, mesh: jax.sharding.Mesh | None) -> dict[str, Any]:
+    """Flat params: host numpy arrays without a mesh, else jax arrays sharded by their logical axes on `mesh`.
+    The checkpoint's own shardings are never reused: they name the devices of the run that wrote it."""
     import orbax.checkpoint as ocp
 
     params_dir = directory / PARAMS_DIR
     if not params_dir.is_dir():
         raise FileNotFoundError(f"{params_dir}: no such directory (not a pretrained model directory)")
     model = abstract_model(kind, config)
-    expected = _expected_params(model)
-    shardings = {}
-    if mesh is not None:
-        named = sharding.state_shardings(nnx.state(model, nnx.Not(nnx.RngState)), mesh)
-        shardings = {"/".join(str(p) for p in path): s for path, s in nnx.to_flat_state(named)}
-    with ocp.StandardCheckpointer() as checkpointer:
-        saved = flatten(dict(checkpointer.metadata(params_dir).item_metadata))
-        _check_params(str(params_dir), expected, saved)
-        # the stored dtype wins, so fp32 and bf16 checkpoints come back as written
-        target = {p: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=shardings.get(p)) for p, m in saved.items()}
-        return flatten(checkpointer.restore(params_dir, _nest(target)))
+    with ocp.PyTreeCheckpointer() as checkpointer:
+        metadata = checkpointer.metadata(params_dir)
+        metadata = getattr(metadata, "item_metadata", metadata)
+        saved = param_tree.flatten(dict(getattr(metadata, "tree", metadata)))
+        param_tree.check_params(str(params_dir), param_tree.model_params(model), saved)
+        if mesh is None:
+            # the stored dtype wins, so fp32 and bf16 checkpoints come back as written
+            args = {p: ocp.RestoreArgs(restore_type=np.ndarray, dtype=m.dtype) for p, m in saved.items()}
+        else:
+            named = sharding.state_shardings(nnx.state(model, nnx.Not(nnx.RngState)), mesh)
+            shardings = {param_tree.path_string(path): s for path, s in nnx.to_flat_state(named)}
+            args = {p: ocp.ArrayRestoreArgs(sharding=shardings[p], global_shape=tuple(m.shape), dtype=m.dtype)
+                    for p, m in saved.items()}
+        restored = checkpointer.restore(params_dir, args=ocp.args.PyTreeRestore(
+            restore_args=param_tree.nest(args)))
+    return param_tree.flatten(restored)
 
 
-def load(directory: str | os.PathLike, *, mesh: jax.sharding.Mesh | None = None) -> tuple[Any, dict[str, Any]]:
-    """(config, flat '/'-keyed params). Host numpy arrays, or jax arrays sharded by their logical axes on `mesh`."""
-    directory = Path(directory).absolute()
+def load(path: str | os.PathLike, *, mesh: jax.sharding.Mesh | None = None) -> tuple[Any, dict[str, Any]]:
+    """(config, flat '/'-keyed params) of the model at `path` (see `resolve`). Host numpy arrays, or jax arrays
+    sharded by their logical axes on `mesh`."""
+    directory = resolve(path)
     kind, config = read_config(directory)
     return config, _restore(directory, kind, config, mesh)
 
 
-def load_model(directory: str | os.PathLike, *, mesh: jax.sharding.Mesh | None = None) -> nnx.Module:
-    """The model, rebuilt abstractly and filled from the checkpoint (jax arrays; sharded when `mesh` is given)."""
-    directory = Path(directory).absolute()
+def load_model(path: str | os.PathLike, *, mesh: jax.sharding.Mesh | None = None) -> nnx.Module:
+    """The model at `path` (see `resolve`), rebuilt abstractly and filled from the checkpoint (jax arrays, on the
+    default device or sharded on `mesh`)."""
+    directory = resolve(path)
     kind, config = read_config(directory)
     params = _restore(directory, kind, config, mesh)
     if mesh is None:
         params = {p: jnp.asarray(v) for p, v in params.items()}
-    graphdef, state = nnx.split(abstract_model(kind, config))
-    state.replace_by_pure_dict(unflatten(params))
-    return nnx.merge(graphdef, state)
+    return param_tree.model_from_flat(abstract_model(kind, config), params)

@@ -93,6 +93,26 @@ class AF2Tokenizer:
         return self._tok.id_to_token(int(token_id))
 
 
+def load_tokenizer(setting: str | None) -> AF2Tokenizer:
+    """A training run's `tokenizer` setting: a tokenizer directory, or '' for the tiny tokenizer of the embedded
+    synthetic dataset (what the tiny presets train with)."""
+    if setting:
+        return AF2Tokenizer.from_dir(setting)
+    from af2_jax.data.synthetic import synthetic_tokenizer
+
+    return synthetic_tokenizer()
+
+
+def with_token_ids(config, tokenizer: AF2Tokenizer):
+    """`config` (an AF2Config, or any dataclass with the same id fields) with the special-token ids of
+    `tokenizer`: the one place where a tokenizer's ids enter a model config."""
+    import dataclasses
+
+    return dataclasses.replace(config, audio_token_id=tokenizer.audio_id, eoc_token_id=tokenizer.eoc_id,
+                               pad_token_id=tokenizer.pad_id, sep_token_id=tokenizer.sep_id,
+                               eos_token_id=tokenizer.eos_id)
+
+
 def train_tiny_tokenizer(texts: Iterable[str], vocab_size: int = 512) -> AF2Tokenizer:
     """Train a small byte-level BPE (like Qwen's) on `texts`, deterministically and offline.
 
@@ -127,6 +147,19 @@ def format_example(prompt: str, answer: str) -> str:
 def encode_prompt(tok: AF2Tokenizer, prompt: str, max_len: int = DEFAULT_MAX_LEN) -> list[int]:
     """Token ids of the inference prompt, truncated on the right to `max_len` like the reference."""
     return tok.encode(format_prompt(prompt))[:max_len]
+
+
+class PromptTooLongError(ValueError):
+    """A prompt the reference would truncate, cutting off its `<SEP>`: the model would continue the question."""
+
+
+def check_prompt(tok: AF2Tokenizer, prompt: str, max_len: int = DEFAULT_MAX_LEN) -> int:
+    """The prompt's token count; raises PromptTooLongError when it exceeds `max_len`."""
+    count = len(tok.encode(format_prompt(prompt)))
+    if count > max_len:
+        raise PromptTooLongError(f"the prompt is {count} tokens long, the limit is {max_len} (AF2's text length); "
+                                 f"shorten it")
+    return count
 
 
 def answer_loss_mask(tok: AF2Tokenizer, ids: Sequence[int]) -> list[int]:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import ast
 import importlib.util
-import json
 import os
 import pathlib
 import sys
@@ -71,7 +70,7 @@ def parse_overrides(entries) -> dict[int, list[tuple[str, object]]]:
         where, sep, assignment = entry.partition(":")
         key, eq, text = assignment.partition("=")
         if not sep or not eq or not key or where not in ("all", *map(str, STAGES)):
-            raise SystemExit(f"--set {entry!r}: expected STAGE:KEY=VALUE with STAGE in 1, 2, 3 or all")
+            raise SystemExit(f"error: --set {entry!r}: expected STAGE:KEY=VALUE with STAGE in 1, 2, 3 or all")
         try:
             value = ast.literal_eval(text)
         except (ValueError, SyntaxError):
@@ -85,14 +84,20 @@ def set_field(cfg, dotted: str, value) -> None:
     *parents, leaf = dotted.split(".")
     node = cfg
     for name in parents:
-        node = getattr(node, name)
-    if leaf not in node:
-        raise SystemExit(f"--set: the stage config has no field {dotted!r}")
-    setattr(node, leaf, value)
+        node = node.get(name) if hasattr(node, "get") else None
+    if node is None or not hasattr(node, "keys") or leaf not in node:
+        raise SystemExit(f"error: --set: the stage config has no field {dotted!r}")
+    try:
+        setattr(node, leaf, value)
+    except (TypeError, ValueError) as e:  # ml_collections refuses a value of another type
+        raise SystemExit(f"error: --set {dotted}={value!r}: {e}") from None
 
 
 def stage_config(args, stage: int, overrides) -> object:
-    cfg = load_stage_config(stage, args.preset)
+    try:
+        cfg = load_stage_config(stage, args.preset)
+    except ValueError as e:  # an unknown preset
+        raise SystemExit(f"error: --preset: {e}") from None
     if stage > 1:  # the curriculum's point: start from what the previous stage learnt
         cfg.init_from = str(stage_dir(args.workdir, stage - 1))
     steps = getattr(args, f"stage{stage}_steps")
@@ -114,7 +119,6 @@ def evaluate_stage(args, stage: int, cfg) -> dict:
     from af2_jax.data.synthetic import LONG_SKILLS, SyntheticSource
     from af2_jax.evaluation import report, runner
     from af2_jax.inference.sampling import SamplingConfig
-    from af2_jax.training import loop
 
     parts = []
     for source in default_synthetic_config("test", stage=stage)["sources"]:
@@ -124,7 +128,7 @@ def evaluate_stage(args, stage: int, cfg) -> dict:
         parts.append(SyntheticSource("test", per_skill * len(skills), seed=source["seed"],
                                      skills=skills, mcq_probability=source["mcq_probability"]))
     records = runner.Concatenated(parts)
-    model_dir = runner.model_directory(stage_dir(args.workdir, stage))
+    model_dir = pretrained.resolve(stage_dir(args.workdir, stage))
     model = pretrained.load_model(model_dir)
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens)
     settings = runner.EvalSettings(batch_size=args.eval_batch_size, max_windows=cfg.max_windows)
@@ -133,7 +137,7 @@ def evaluate_stage(args, stage: int, cfg) -> dict:
                          "parts": [{"skills": list(p.skills), "seed": p.seed, "num_examples": len(p),
                                     "mcq_probability": p.mcq_probability} for p in parts]},
                 "sampling": {"temperature": 0.0, "max_new_tokens": sampling.max_new_tokens}}
-    payload = runner.evaluate(runner.model_generate_fn(model, loop.default_tokenizer(cfg), sampling), records,
+    payload = runner.evaluate(runner.model_generate_fn(model, pretrained.load_tokenizer(model_dir), sampling), records,
                               settings, progress=not args.no_progress, metadata=metadata)
     report.write_json(pathlib.Path(args.workdir) / f"eval_stage{stage}.json", payload)
     print(f"\nstage {stage} evaluation ({len(records)} synthetic test examples):")
@@ -190,14 +194,23 @@ def main(argv=None) -> dict:
     from af2_jax.training import loop
     from af2_jax.training.metrics import METRICS_FILE
 
+    from af2_jax.training.run_config import ConfigError, validate
+
     workdir = pathlib.Path(args.workdir).absolute()
+    overrides = parse_overrides(args.set)
+    configs = {}
+    for stage in STAGES:  # every stage's config is checked before anything is created
+        configs[stage] = stage_config(args, stage, overrides)
+        try:
+            validate(configs[stage])
+        except ConfigError as e:
+            raise SystemExit(f"error: stage {stage}: {e}") from None
     workdir.mkdir(parents=True, exist_ok=True)
     use_compilation_cache(workdir / "jax_cache" if args.compilation_cache is None else args.compilation_cache)
-    overrides = parse_overrides(args.set)
     summary = {"preset": args.preset, "workdir": str(workdir), "stages": {}, "evaluations": {}}
     evaluations: dict[int, dict] = {}
     for stage in STAGES:
-        cfg = stage_config(args, stage, overrides)
+        cfg = configs[stage]
         print(f"\n=== stage {stage}: {cfg.num_steps} steps, {cfg.max_windows} windows, "
               f"init_from={cfg.init_from or '(random / config)'} -> {stage_dir(workdir, stage)}", flush=True)
         result = loop.train(cfg, stage_dir(workdir, stage))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import pathlib
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -43,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--sampling-seed", type=int, default=0)
-    p.add_argument("--output", default=None, help="results JSON (default: <checkpoint>/eval_<data>.json)")
+    p.add_argument("--output", default=None,
+                   help="results JSON (default: eval_<model>_<data>.json in the current directory)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -74,16 +76,40 @@ def load_test_set(args):
                     "mcq_probability": mcq}
 
 
+class UsageError(Exception):
+    """A bad model, tokenizer, test set or output path, found before any answer is generated."""
+
+
+def prepare(args):
+    """(model, tokenizer, records, data description, output path): everything that can fail before generating."""
+    from af2_jax import pretrained
+    from af2_jax.inference.requests import RequestError
+    from af2_jax.param_tree import ConversionError
+    from af2_jax.tokenizer import TokenizerError
+
+    try:
+        model_dir = pretrained.resolve(args.checkpoint)
+        model_name = model_dir.parent.name if model_dir.name == pretrained.FINAL_DIR else model_dir.name
+        output = pathlib.Path(args.output or f"eval_{model_name}_{data_name(args)}.json")
+        if not output.absolute().parent.is_dir():
+            raise FileNotFoundError(f"--output {output}: the directory {output.absolute().parent} does not exist")
+        records, data = load_test_set(args)
+        tokenizer = pretrained.load_tokenizer(model_dir, args.tokenizer)
+        model = pretrained.load_model(model_dir)
+        if args.max_windows and args.max_windows > model.config.max_windows:
+            raise ValueError(f"--max-windows {args.max_windows} exceeds what this model takes "
+                             f"({model.config.max_windows} windows)")
+    except (FileNotFoundError, NotADirectoryError, RequestError, TokenizerError, ConversionError, ValueError) as e:
+        raise UsageError(str(e)) from None
+    return model_dir, model, tokenizer, records, data, output
+
+
 def run(args) -> dict:
     """Load, generate, score, print the table, write the JSON; returns the results payload."""
-    from af2_jax import pretrained
     from af2_jax.evaluation import report, runner
     from af2_jax.inference.sampling import SamplingConfig
 
-    model_dir = runner.model_directory(args.checkpoint)
-    records, data = load_test_set(args)
-    model = pretrained.load_model(model_dir)
-    tokenizer = runner.load_tokenizer(model_dir, args.tokenizer)
+    model_dir, model, tokenizer, records, data, output = prepare(args)
     sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                               max_new_tokens=args.max_new_tokens, seed=args.sampling_seed)
     settings = runner.EvalSettings(batch_size=args.batch_size,
@@ -91,19 +117,51 @@ def run(args) -> dict:
     metadata = {"checkpoint": str(model_dir), "data": {**data, "num_examples": len(records)},
                 "sampling": {"temperature": sampling.temperature, "top_k": sampling.top_k, "top_p": sampling.top_p,
                              "max_new_tokens": sampling.max_new_tokens, "seed": sampling.seed}}
-    payload = runner.evaluate(runner.model_generate_fn(model, tokenizer, sampling), records, settings,
-                              progress=not args.no_progress, metadata=metadata)
+    try:
+        payload = runner.evaluate(runner.model_generate_fn(model, tokenizer, sampling), records, settings,
+                                  progress=not args.no_progress, metadata=metadata)
+    except runner.NothingToEvaluate as e:
+        raise UsageError(str(e)) from None
     print(report.format_table(payload["tasks"], payload["overall"]))
-    name = data.get("split") or os.path.splitext(os.path.basename(data.get("path", "manifest")))[0]
-    output = args.output or os.path.join(model_dir, f"eval_{name}.json")
+    if payload["skipped"]:
+        print(f"{len(payload['skipped'])} of {len(records)} records skipped (unreadable audio; listed in the JSON); "
+              f"the metrics are over the other {len(payload['predictions'])}")
     report.write_json(output, payload)
     print(f"results: {output}")
     return payload
 
 
+def data_name(args) -> str:
+    if args.manifest:
+        return os.path.splitext(os.path.basename(args.manifest))[0]
+    return f"synthetic_{args.synthetic_split}"
+
+
+def check_args(parser, args) -> None:
+    for name in ("batch_size", "max_new_tokens", "num_examples", "max_windows"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.synthetic_split:
+        from af2_jax.data import synthetic
+
+        unknown = [s for s in synthetic_skills(args.skills) if s not in synthetic.ALL_SKILLS]
+        if unknown:
+            parser.error(f"--skills: unknown skills {unknown}; choose from {', '.join(synthetic.ALL_SKILLS)} or "
+                         f"{'/'.join(SKILL_SETS)}")
+
+
 def main(argv=None) -> dict:
+    """Returns the results payload; a bad argument, model or test set is one line on stderr and exit code 2."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    return run(build_parser().parse_args(argv))
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_args(parser, args)
+    try:
+        return run(args)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

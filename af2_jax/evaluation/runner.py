@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
-import pathlib
+import logging
 import warnings
 from typing import Any, Callable, Mapping, Sequence
 
@@ -18,7 +17,7 @@ import numpy as np
 
 from af2_jax.audio import io as audio_io
 from af2_jax.audio import windows as audio_windows
-from af2_jax.data.examples import load_waveform
+from af2_jax.data.examples import RecordError, load_waveform
 from af2_jax.evaluation import scoring
 from af2_jax.tokenizer import extract_answer
 
@@ -55,45 +54,17 @@ class Concatenated:
         return self.parts[part][index - self._starts[part]]
 
 
-def model_directory(checkpoint) -> pathlib.Path:
-    """A pretrained-format directory (config.json + params/), or a training workdir whose final/ is one."""
-    path = pathlib.Path(checkpoint)
-    for candidate in (path, path / "final"):
-        if (candidate / "config.json").is_file() and (candidate / "params").is_dir():
-            return candidate
-    raise FileNotFoundError(f"{path}: not a model directory (config.json + params/) nor a workdir with final/")
-
-
-def load_tokenizer(model_dir: pathlib.Path, tokenizer_path=None):
-    """The tokenizer the model was trained with: `tokenizer_path`; else a tokenizer.json beside the model; else the
-    training run's `tokenizer` setting (its workdir's run config); else the synthetic dataset's tiny tokenizer."""
-    from af2_jax.tokenizer import AF2Tokenizer
-
-    if tokenizer_path:
-        return AF2Tokenizer.from_dir(tokenizer_path)
-    if (model_dir / "tokenizer.json").is_file():
-        return AF2Tokenizer.from_dir(model_dir)
-    run_config = model_dir.parent / "config.json"  # a training workdir's run config, when model_dir is its final/
-    if model_dir.name == "final" and run_config.is_file():
-        setting = json.loads(run_config.read_text()).get("tokenizer")
-        if setting:
-            return AF2Tokenizer.from_dir(setting)
-    from af2_jax.data.synthetic import synthetic_tokenizer
-
-    return synthetic_tokenizer()
-
-
 def task_of(record: Mapping[str, Any]) -> str:
     """A record's task: its synthetic skill, else its dataset (an AF2 manifest's 'Name-Task')."""
     return str(record.get("skill") or record.get("dataset") or "default")
 
 
-def record_windows(records: Sequence[Mapping[str, Any]], max_windows: int) -> list[np.ndarray]:
-    """Each record's (n, 160000) windows, its audio read and prepared exactly as training reads it."""
+def record_windows(record: Mapping[str, Any], max_windows: int) -> np.ndarray:
+    """A record's (n, 160000) windows, its audio read and prepared exactly as training reads it."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", audio_io.SilentAudioWarning)
-        return [audio_windows.make_windows(load_waveform(r, max_windows), max_windows, name=str(r.get("id")))
-                for r in records]
+        return audio_windows.make_windows(load_waveform(record, max_windows), max_windows,
+                                          name=str(record.get("id")))
 
 
 def model_generate_fn(model, tokenizer, sampling) -> GenerateFn:
@@ -126,35 +97,60 @@ def _example(record: Mapping[str, Any], index: int) -> dict[str, Any]:
     }
 
 
-def predict(generate: GenerateFn, records: Sequence[Mapping[str, Any]], settings: EvalSettings,
-            *, progress: bool = True) -> list[dict[str, Any]]:
-    """Scored predictions for every record, in order.
+class NothingToEvaluate(ValueError):
+    """An empty test set, or one whose every record was skipped."""
 
-    The last batch is filled up with copies of its last record (their outputs dropped), so every batch has the
-    same size and the generation step compiles once per window count, not once more for the tail.
+
+# what makes one record unusable (a missing or undecodable file, a record without audio): skipped and counted
+UNREADABLE = (audio_io.AudioError, OSError, RecordError, ValueError)
+
+
+def predict(generate: GenerateFn, records: Sequence[Mapping[str, Any]], settings: EvalSettings,
+            *, progress: bool = True) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
+    """(scored predictions, skipped records) in order; a record whose audio cannot be read is skipped with its
+    reason (as inference and training do), the others are answered.
+
+    A batch short of `batch_size` (the last one, or one that lost records) is filled up with copies of its last
+    record (their outputs dropped), so the generation step compiles once per window count, not once more per size.
     """
     from tqdm import tqdm
 
-    items = []
+    items, skipped = [], []
     starts = range(0, len(records), settings.batch_size)
     for start in tqdm(starts, desc="evaluating", unit="batch", disable=not progress):
-        batch = [records[i] for i in range(start, min(start + settings.batch_size, len(records)))]
+        batch, windows = [], []
+        for index in range(start, min(start + settings.batch_size, len(records))):
+            record = records[index]
+            try:
+                windows.append(record_windows(record, settings.max_windows))
+            except UNREADABLE as e:
+                skipped.append({"id": str(record.get("id", index)), "task": task_of(record), "error": str(e)})
+                logging.warning("skipped %s: %s", skipped[-1]["id"], e)
+                continue
+            batch.append((index, record))
+        if not batch:
+            continue
         real = len(batch)
-        batch = batch + [batch[-1]] * (settings.batch_size - real)
-        texts = generate(record_windows(batch, settings.max_windows), [r["prompt"] for r in batch])
-        if len(texts) != len(batch):
-            raise RuntimeError(f"generate returned {len(texts)} answers for a batch of {len(batch)}")
-        for offset, (record, text) in enumerate(zip(batch[:real], texts[:real])):
-            items.append(scoring.score_item(_example(record, start + offset), extract_answer(text)))
-    return items
+        fill = settings.batch_size - real
+        prompts = [r["prompt"] for _, r in batch]
+        texts = generate(windows + [windows[-1]] * fill, prompts + [prompts[-1]] * fill)
+        if len(texts) != settings.batch_size:
+            raise RuntimeError(f"generate returned {len(texts)} answers for a batch of {settings.batch_size}")
+        for (index, record), text in zip(batch, texts[:real]):
+            items.append(scoring.score_item(_example(record, index), extract_answer(text)))
+    return items, skipped
 
 
 def evaluate(generate: GenerateFn, records: Sequence[Mapping[str, Any]], settings: EvalSettings,
              *, progress: bool = True, metadata: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """The results payload: {'metadata', 'settings', 'tasks', 'overall', 'predictions'} (see report.write_json)."""
+    """The results payload: {'metadata', 'settings', 'tasks', 'overall', 'predictions', 'skipped'} (see
+    report.write_json); metrics are over the records that could be read."""
     if len(records) == 0:
-        raise ValueError("nothing to evaluate: the test set is empty")
-    items = predict(generate, records, settings, progress=progress)
+        raise NothingToEvaluate("nothing to evaluate: the test set is empty")
+    items, skipped = predict(generate, records, settings, progress=progress)
+    if not items:
+        raise NothingToEvaluate(f"nothing could be evaluated: all {len(skipped)} records were skipped (first: "
+                         f"{skipped[0]['id']}: {skipped[0]['error']})")
     tasks, overall = scoring.summarize_by_task(items)
     return {
         "metadata": dict(metadata or {}),
@@ -162,4 +158,5 @@ def evaluate(generate: GenerateFn, records: Sequence[Mapping[str, Any]], setting
         "tasks": tasks,
         "overall": overall,
         "predictions": items,
+        "skipped": skipped,
     }

@@ -85,3 +85,8 @@ def save(directory: pathlib.Path, values: dict[str, np.ndarray]) -> None:
 def load(directory: pathlib.Path) -> dict[str, np.ndarray]:
     with np.load(directory / FILE, allow_pickle=False) as data:
         return {name: data[name] for name in ("scale", "bias")}
+
+
+def as_params(values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The calibrated values under their flat parameter paths (as `init_from` arrays)."""
+    return {"/".join(NORM + (name,)): value for name, value in values.items()}

@@ -13,7 +13,6 @@ run starts from random weights: a frozen random LLM would train nothing useful, 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import pathlib
 from typing import Any, Mapping
@@ -23,16 +22,21 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from af2_jax.training.stages import path_string, variable_paths
+from af2_jax import param_tree
+from af2_jax.param_tree import path_string, variable_paths
+
+class InitFromError(ValueError):
+    """`init_from` arrays that do not fit the run's model; the message names them."""
+
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-RUN_CONFIG_FILE = "config.json"  # the run's ml_collections config, written into its workdir
 
 
 def model_config(model_cfg: Any, *, max_windows: int, tokenizer: Any = None):
     """AF2Config from the run config's `model` block; special-token ids (and for the tiny presets the vocabulary
     size) follow the tokenizer."""
     from af2_jax.models.af2 import af2_preset
+    from af2_jax.tokenizer import with_token_ids
 
     config = af2_preset(model_cfg.preset, dtype=DTYPES[model_cfg.compute_dtype], param_dtype=jnp.float32,
                         remat_policy=model_cfg.remat_policy, scan_unroll=model_cfg.scan_unroll,
@@ -46,12 +50,10 @@ def model_config(model_cfg: Any, *, max_windows: int, tokenizer: Any = None):
     vocab = len(tokenizer)
     if vocab != config.llm.vocab_size:
         if not model_cfg.vocab_from_tokenizer:
-            raise ValueError(f"tokenizer has {vocab} tokens, model preset {model_cfg.preset!r} has "
+            raise InitFromError(f"tokenizer has {vocab} tokens, model preset {model_cfg.preset!r} has "
                              f"{config.llm.vocab_size}; set model.vocab_from_tokenizer=True to resize the model")
         config = dataclasses.replace(config, llm=dataclasses.replace(config.llm, vocab_size=vocab))
-    return dataclasses.replace(config, audio_token_id=tokenizer.audio_id, eoc_token_id=tokenizer.eoc_id,
-                               pad_token_id=tokenizer.pad_id, sep_token_id=tokenizer.sep_id,
-                               eos_token_id=tokenizer.eos_id)
+    return with_token_ids(config, tokenizer)
 
 
 def model_factory(config: Any, seed: int):
@@ -60,33 +62,54 @@ def model_factory(config: Any, seed: int):
     return lambda: AF2Model(config, rngs=nnx.Rngs(seed))
 
 
-def _is_pretrained_dir(path: pathlib.Path) -> bool:
-    return (path / "config.json").is_file() and (path / "params").is_dir()
+def random_init_params(run: Any) -> dict[str, np.ndarray]:
+    """Every variable of the model a run config builds, as its random initialisation made them (jitted, as
+    `train_state.create_train_state` does, so the values are the same), frozen Params in the run's frozen dtype.
+    What a run that started from random weights froze is this, and never saved."""
+    import ml_collections
+
+    from af2_jax.tokenizer import load_tokenizer
+    from af2_jax.training.train_state import cast_frozen_params
+
+    cfg = ml_collections.ConfigDict(run)
+    config = model_config(cfg.model, max_windows=cfg.max_windows, tokenizer=load_tokenizer(cfg.tokenizer))
+    make = model_factory(config, cfg.seed)
+    state = jax.jit(lambda: cast_frozen_params(nnx.state(make(), nnx.Not(nnx.RngState)),
+                                               DTYPES[cfg.frozen_param_dtype]))()
+    return {k: np.asarray(v) for k, v in param_tree.model_params(state).items()}
 
 
 def read_source(path: str | pathlib.Path) -> dict[str, np.ndarray]:
     """Flat '/'-pathed host arrays of one source directory (see the module docstring)."""
     from af2_jax import pretrained
+    from af2_jax.training import feature_norm
     from af2_jax.training.checkpointing import Checkpointer
 
     path = pathlib.Path(path)
-    if _is_pretrained_dir(path):
-        return {k: np.asarray(v) for k, v in pretrained.load(path)[1].items()}
-    if _is_pretrained_dir(path / "final"):
-        return read_source(path / "final")
-    run_config = path / RUN_CONFIG_FILE
-    if (path / "checkpoints").is_dir() and run_config.is_file():
-        base = read_init_from(json.loads(run_config.read_text()).get("init_from", ""))
-        checkpointer = Checkpointer(path / "checkpoints")
+    if pretrained.is_model_dir(path) or pretrained.is_model_dir(path / pretrained.FINAL_DIR):
+        return pretrained.load(path)[1]
+    if (path / pretrained.CHECKPOINT_DIR).is_dir() and pretrained.run_config_file(path) is not None:
+        run = pretrained.read_run_config(path)
+        base = read_init_from(run.get("init_from", ""))
+        checkpointer = Checkpointer(path / pretrained.CHECKPOINT_DIR)
         try:
             trained = checkpointer.read_params()
         finally:
             checkpointer.close()
-        logging.info("init_from %s: %d trained arrays from checkpoint %s over %d from its init_from", path,
-                     len(trained), checkpointer.latest_step(), len(base))
-        return {**base, **trained}
+        if (path / feature_norm.FILE).is_file():  # calibrated frozen values live beside the checkpoints
+            trained = {**feature_norm.as_params(feature_norm.load(path)), **trained}
+        arrays = {**base, **trained}
+        random = random_init_params(run)
+        missing = [k for k in random if k not in arrays]
+        if missing:  # that run started (partly) from random weights: regenerate them from its seed
+            arrays = {**{k: random[k] for k in missing}, **arrays}
+        logging.info("init_from %s (unfinished): %d trained arrays from checkpoint %s over %d from its init_from "
+                     "and %d regenerated from its seed", path, len(trained), checkpointer.latest_step(), len(base),
+                     len(missing))
+        return arrays
     raise FileNotFoundError(f"init_from {path}: neither a pretrained-format directory (config.json + params/) nor "
-                            f"a training workdir (final/, or checkpoints/ + {RUN_CONFIG_FILE})")
+                            f"a training workdir (final/, or {pretrained.CHECKPOINT_DIR}/ + "
+                            f"{pretrained.RUN_CONFIG_FILE})")
 
 
 def read_init_from(init_from: str) -> dict[str, np.ndarray]:
@@ -120,15 +143,15 @@ def apply_params(trees: Mapping[str, Any], shardings: Mapping[str, Any], flat: M
             unused.discard(key)
             value = flat[key]
             if tuple(value.shape) != tuple(leaf.get_value().shape):
-                raise ValueError(f"init_from: {key} has shape {value.shape}, the model expects "
+                raise InitFromError(f"init_from: {key} has shape {value.shape}, the model expects "
                                  f"{leaf.get_value().shape}")
             value = np.asarray(value).astype(leaf.get_value().dtype)
             return leaf.replace(jax.make_array_from_callback(value.shape, sharding, lambda index: value[index]))
         out[name] = jax.tree_util.tree_map_with_path(load, tree, shardings[name],
                                                      is_leaf=lambda x: isinstance(x, nnx.Variable))
     if unused:
-        raise ValueError(f"init_from: {len(unused)} arrays match no model variable: {sorted(unused)[:20]}")
+        raise InitFromError(f"init_from: {len(unused)} arrays match no model variable: {sorted(unused)[:20]}")
     if require_frozen and missing_frozen:
-        raise ValueError(f"init_from: {len(missing_frozen)} frozen parameters are not loaded (they would stay "
+        raise InitFromError(f"init_from: {len(missing_frozen)} frozen parameters are not loaded (they would stay "
                          f"random): {missing_frozen[:20]}")
     return out

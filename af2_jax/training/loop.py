@@ -8,26 +8,28 @@ except before a checkpoint, whose state must be known finite.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import json
 import logging
 import math
 import pathlib
 import signal
 import threading
+import time
 from typing import Any, Callable, Iterator
 
 import jax
 import numpy as np
 
-from af2_jax import sharding
-from af2_jax.training import (distributed, feature_norm, initialization, input_norm, optimizer, step as step_lib,
-                              train_state)
+from af2_jax import pretrained, sharding
+from af2_jax.tokenizer import load_tokenizer
+from af2_jax.training import (distributed, feature_norm, initialization, input_norm, optimizer, run_config,
+                              step as step_lib, train_state)
 from af2_jax.training.checkpointing import Checkpointer
 from af2_jax.training.metrics import MetricsLogger
 
-FINAL_DIR = "final"
-CHECKPOINT_DIR = "checkpoints"
+FINAL_DIR = pretrained.FINAL_DIR
+CHECKPOINT_DIR = pretrained.CHECKPOINT_DIR
 CALIBRATION_BATCHES = 16  # the first batches that data-dependent calibrations measure
 
 
@@ -88,15 +90,7 @@ def make_mesh(mesh_cfg: Any) -> jax.sharding.Mesh:
 def write_run_config(cfg: Any, workdir: pathlib.Path) -> None:
     if jax.process_index() == 0:
         workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / initialization.RUN_CONFIG_FILE).write_text(cfg.to_json_best_effort(indent=2) + "\n")
-
-
-def default_tokenizer(cfg: Any):
-    if cfg.tokenizer:
-        from af2_jax.tokenizer import AF2Tokenizer
-        return AF2Tokenizer.from_dir(cfg.tokenizer)
-    from af2_jax.data.synthetic import synthetic_tokenizer
-    return synthetic_tokenizer()
+        (workdir / pretrained.RUN_CONFIG_FILE).write_text(cfg.to_json_best_effort(indent=2) + "\n")
 
 
 def default_iterator(cfg: Any, tokenizer: Any, rows_per_process: int) -> Iterator[dict]:
@@ -116,9 +110,12 @@ def train(cfg: Any, workdir: str | pathlib.Path, *, make_iterator: Callable[...,
     (benchmarks, tests). `max_steps` stops after that many steps of this call (a checkpoint is saved first).
     """
     workdir = pathlib.Path(workdir).absolute()
-    write_run_config(cfg, workdir)
+    run_config.validate(cfg)  # a bad field fails here, before anything is created
+    if jax.process_index() == 0:
+        for line in run_config.header(cfg, workdir):
+            logging.info("%s", line)
     mesh = make_mesh(cfg.mesh)
-    tokenizer = default_tokenizer(cfg)
+    tokenizer = load_tokenizer(cfg.tokenizer)
     model_config = None
     if make_model is None:
         model_config = initialization.model_config(cfg.model, max_windows=cfg.max_windows, tokenizer=tokenizer)
@@ -132,10 +129,11 @@ def train(cfg: Any, workdir: str | pathlib.Path, *, make_iterator: Callable[...,
 
     rows_per_step = cfg.batch_size * cfg.grad_accum_steps
     if rows_per_step % jax.process_count():
-        raise ValueError(f"batch_size x grad_accum_steps = {rows_per_step} rows is not divisible by "
+        raise run_config.ConfigError(f"batch_size x grad_accum_steps = {rows_per_step} rows is not divisible by "
                          f"{jax.process_count()} processes")
     iterator = (make_iterator or default_iterator)(cfg, tokenizer, rows_per_step // jax.process_count())
 
+    write_run_config(cfg, workdir)
     checkpointer = Checkpointer(workdir / CHECKPOINT_DIR, keep=cfg.checkpoint.keep,
                                 save_every=cfg.checkpoint.every_steps, async_save=cfg.checkpoint.async_save)
     restored = checkpointer.restore(state, shardings[0], iterator)
@@ -179,11 +177,14 @@ def train(cfg: Any, workdir: str | pathlib.Path, *, make_iterator: Callable[...,
                 f"{checkpointer.latest_step()} in {checkpointer.directory}")
         records.append(logger.write(done_step, metrics))
 
+    compiled_shapes: set[tuple] = set()
     try:
         while step < end_step:
             batch = distributed.global_batch(next(iterator), mesh, cfg.grad_accum_steps)
-            with jax.set_mesh(mesh):
+            shape = tuple(batch["audio"].shape) + tuple(batch["input_ids"].shape)
+            with jax.set_mesh(mesh), _compiling(shape not in compiled_shapes, batch["audio"].shape):
                 state, device_metrics = step_fn(state, frozen, batch)
+            compiled_shapes.add(shape)
             finish_pending()  # the previous step's metrics, while this one runs
             step += 1
             pending = (step, device_metrics)
@@ -203,7 +204,7 @@ def train(cfg: Any, workdir: str | pathlib.Path, *, make_iterator: Callable[...,
         checkpointer.wait()
         if status == "finished" and cfg.export_final and model_config is not None:
             export_final(workdir / FINAL_DIR, model_config, split.merge(state["trainable"], state["batch_stats"],
-                                                                        frozen))
+                                                                        frozen), tokenizer)
     finally:
         checkpointer.close()
         logger.close()
@@ -212,6 +213,31 @@ def train(cfg: Any, workdir: str | pathlib.Path, *, make_iterator: Callable[...,
         if hasattr(iterator, "close"):
             iterator.close()
     return RunResult(records=records, last_step=step, status=status, state=state, frozen=frozen, split=split)
+
+
+@contextlib.contextmanager
+def _compiling(first_call: bool, audio_shape: tuple, every_s: float = 15.0):
+    """Says that the step is compiling on the first call for a batch shape (tens of seconds on CPU, minutes for a
+    real preset), and keeps saying it until the call returns."""
+    if not first_call or jax.process_index() != 0:
+        yield
+        return
+    micro, rows, windows = audio_shape[:3]
+    logging.info("compiling the train step for %d x %d rows of %d windows ...", micro, rows, windows)
+    done = threading.Event()
+    start = time.perf_counter()
+
+    def heartbeat():
+        while not done.wait(every_s):
+            logging.info("  still compiling (%.0f s)", time.perf_counter() - start)
+    thread = threading.Thread(target=heartbeat, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+        logging.info("  compiled in %.1f s", time.perf_counter() - start)
 
 
 def _first_batches(cfg: Any, tokenizer: Any, rows: int, make_iterator: Callable | None) -> list[dict]:
@@ -268,8 +294,8 @@ def _calibrate_feature_norm(cfg: Any, tokenizer: Any, rows: int, mesh: Any, spli
     return frozen
 
 
-def export_final(directory: pathlib.Path, model_config: Any, model: Any) -> None:
-    """The trained model in our pretrained format (af2_jax.pretrained), loadable by inference and next stages."""
-    from af2_jax import pretrained
-    pretrained.save(directory, model_config, model, overwrite=True)
+def export_final(directory: pathlib.Path, model_config: Any, model: Any, tokenizer: Any) -> None:
+    """The trained model and its tokenizer in our pretrained format (af2_jax.pretrained), loadable by inference,
+    evaluation, conversion and the next stage."""
+    pretrained.save(directory, model_config, model, tokenizer=tokenizer, overwrite=True)
     logging.info("exported the final model to %s", directory)

@@ -97,7 +97,7 @@ def test_curriculum_runs_three_chained_stages_and_reports(tmp_path):
         assert stage[later].keys() == stage[1].keys()
         for key, value in stage[later - 1].items():
             np.testing.assert_array_equal(stage[later][key], value, err_msg=f"stage {later} {key}")
-        run_config = json.loads((workdir / f"stage{later}" / "config.json").read_text())
+        run_config = json.loads((workdir / f"stage{later}" / "run_config.json").read_text())
         assert run_config["init_from"] == str(workdir / f"stage{later - 1}")
 
     for s, steps in ((1, 3), (2, 2), (3, 2)):

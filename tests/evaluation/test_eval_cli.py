@@ -3,7 +3,6 @@ checks the plumbing, the JSON schema, and that the stored metrics agree with a r
 import collections
 import dataclasses
 import importlib.util
-import json
 import pathlib
 import string
 
@@ -35,8 +34,7 @@ def tiny_model_dir(tmp_path_factory):
         config, llm=dataclasses.replace(config.llm, vocab_size=len(tok)), audio_token_id=tok.audio_id,
         eoc_token_id=tok.eoc_id, pad_token_id=tok.pad_id, sep_token_id=tok.sep_id, eos_token_id=tok.eos_id)
     directory = tmp_path_factory.mktemp("tiny_af2")
-    pretrained.save(directory, config, AF2Model(config, rngs=nnx.Rngs(0)))
-    tok.save(directory)  # found beside the model, as a converted release would ship it
+    pretrained.save(directory, config, AF2Model(config, rngs=nnx.Rngs(0)), tokenizer=tok)  # as the converter does
     return directory
 
 
@@ -97,10 +95,44 @@ def test_eval_cli_writes_consistent_results(tiny_model_dir, tmp_path, capsys):
     assert str(output) in printed
 
 
-def test_model_directory_accepts_a_workdir_with_final(tmp_path):
-    (tmp_path / "final" / "params").mkdir(parents=True)
-    (tmp_path / "final" / "config.json").write_text(json.dumps({"model": "af2", "config": {}}))
-    assert runner.model_directory(tmp_path) == tmp_path / "final"
-    assert runner.model_directory(tmp_path / "final") == tmp_path / "final"
-    with pytest.raises(FileNotFoundError, match="not a model directory"):
-        runner.model_directory(tmp_path / "elsewhere")
+def test_argument_and_model_errors_are_one_line(tmp_path, tiny_model_dir, capsys):
+    eval_script = _load_script("eval")
+    cases = [(["--checkpoint", str(tmp_path / "nothing"), "--synthetic-split", "test"], "nothing"),
+             (["--checkpoint", str(tiny_model_dir), "--synthetic-split", "test", "--batch-size", "0"], "--batch-size"),
+             (["--checkpoint", str(tiny_model_dir), "--synthetic-split", "test", "--skills", "count,nope"], "nope"),
+             (["--checkpoint", str(tiny_model_dir), "--manifest", str(tmp_path / "none.json")], "none.json"),
+             (["--checkpoint", str(tiny_model_dir), "--synthetic-split", "test", "--max-windows", "3"], "exceeds"),
+             (["--checkpoint", str(tiny_model_dir), "--synthetic-split", "test", "--output",
+               str(tmp_path / "no" / "dir.json")], "does not exist")]
+    for argv, expected in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            eval_script.main(argv)
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2, argv
+        assert expected in err and "Traceback" not in err, (argv, err)
+
+
+def test_unreadable_records_are_skipped_and_counted(tmp_path):
+    records = [{"id": f"r{i}", "prompt": "how many beeps?", "answer": "two", "skill": "count",
+                "choices": ["one", "two"], "audio": str(tmp_path / f"missing{i}.wav")} for i in range(2)]
+    records.insert(1, dict(SyntheticSource("test", 1, seed=0, skills=("count",))[0], id="good"))
+    seen = []
+
+    def generate(windows, prompts):
+        seen.append(len(windows))
+        return ["two"] * len(windows)
+    payload = runner.evaluate(generate, records, runner.EvalSettings(batch_size=2, max_windows=1), progress=False)
+    assert [p["id"] for p in payload["predictions"]] == ["good"]
+    assert [s["id"] for s in payload["skipped"]] == ["r0", "r1"]
+    assert all("missing" in s["error"] for s in payload["skipped"]) and seen == [2]  # one batch, filled up
+    with pytest.raises(runner.NothingToEvaluate, match="all 2 records were skipped"):
+        runner.evaluate(generate, [records[0], records[2]], runner.EvalSettings(batch_size=2, max_windows=1),
+                        progress=False)
+
+
+def test_default_output_is_written_beside_the_caller_not_into_the_model(tiny_model_dir, tmp_path, monkeypatch):
+    eval_script = _load_script("eval")
+    monkeypatch.chdir(tmp_path)
+    args = eval_script.build_parser().parse_args(["--checkpoint", str(tiny_model_dir), "--synthetic-split", "test"])
+    *_, output = eval_script.prepare(args)
+    assert output == pathlib.Path(f"eval_{tiny_model_dir.name}_synthetic_test.json")

@@ -32,8 +32,7 @@ def checkpoint(tmp_path_factory, fixture_dir):
     tokenizer.save(directory / "tok")
     config, params, _ = import_release(fixture_dir / "state_dict.safetensors", progress=False)
     tokenizer, config = import_tokenizer(directory / "tok", config)
-    pretrained.save(directory / "model", config, params)
-    tokenizer.save(directory / "model" / "tokenizer")
+    pretrained.save(directory / "model", config, params, tokenizer=tokenizer)
     return directory / "model", tokenizer
 
 
@@ -58,16 +57,18 @@ def test_manifest_answers_and_bad_files(tmp_path, checkpoint, fixture_inputs, ca
     assert code == 1, "a failed item makes the exit code nonzero"
     assert "broken.wav" in err and "1 of 3 item(s) failed" in err
     assert "long.wav" in err and "first 10 s" in err  # the crop warning
+    # written as they come: the failed read first, then the answers batch by batch (shortest audio first)
     answers = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [a["id"] for a in answers] == ["a", "b", "c"]
-    assert "error" in answers[1] and "broken.wav" in answers[1]["error"]
+    assert [a["id"] for a in answers] == ["b", "a", "c"]
+    assert "error" in answers[0] and "broken.wav" in answers[0]["error"]
+    answers = {a["id"]: a for a in answers}
 
     # each answer is what greedy generation gives for that clip and question on its own
     from af2_jax.audio.io import load_audio
     from af2_jax.audio.windows import make_windows
 
     model = pretrained.load_model(model_dir)
-    for row, name in ((answers[0], "short.wav"), (answers[2], "long.wav")):
+    for row, name in ((answers["a"], "short.wav"), (answers["c"], "long.wav")):
         windows = make_windows(load_audio(tmp_path / name, duration=10.0), 1)
         ids, mask = left_pad([encode_prompt(tokenizer, row["prompt"])], tokenizer.pad_id)
         tokens = generate_tokens(model, windows[None], np.ones((1, 1)), ids, mask, SamplingConfig(max_new_tokens=5))
@@ -84,3 +85,21 @@ def test_argument_errors_and_missing_file(tmp_path, checkpoint, capsys):
     assert code == 1 and "gone.wav" in capsys.readouterr().err
     code = cli.main(["--checkpoint", str(tmp_path / "nothing"), "--audio", "a.wav", "--prompt", "q"])
     assert code == 2 and "nothing" in capsys.readouterr().err
+
+
+def test_bad_output_path_and_limits_fail_before_any_work(tmp_path, checkpoint, capsys, fixture_inputs):
+    model_dir, tokenizer = checkpoint
+    cli = _load_cli()
+    soundfile.write(tmp_path / "clip.wav", fixture_inputs["wav_pcm16_0"], 16000, subtype="PCM_16")
+    clip = str(tmp_path / "clip.wav")
+    code = cli.main(["--checkpoint", str(model_dir), "--audio", clip, "--prompt", "q", "--output",
+                     str(tmp_path / "no" / "such" / "dir" / "a.jsonl")])
+    assert code == 2 and "does not exist" in capsys.readouterr().err
+    code = cli.main(["--checkpoint", str(model_dir), "--audio", clip, "--prompt", "q", "--max-windows", "13"])
+    assert code == 2 and "exceeds what this model takes (12 windows" in capsys.readouterr().err
+    long_prompt = " ".join(["w1"] * 600)  # the reference would cut its <SEP> off
+    out = tmp_path / "a.jsonl"
+    code = cli.main(["--checkpoint", str(model_dir), "--audio", clip, "--prompt", long_prompt, "--output", str(out)])
+    err = capsys.readouterr().err
+    assert code == 1 and "the limit is 512" in err and "1 of 1 item(s) failed" in err
+    assert "limit is 512" in json.loads(out.read_text())["error"]

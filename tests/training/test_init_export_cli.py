@@ -4,7 +4,6 @@ directory, a PREFIX=dir source, an unfinished workdir's checkpoint) loads exactl
 loss stops the run and keeps the last good checkpoint; launch/train.py runs as a command."""
 import json
 import os
-import pathlib
 import subprocess
 import sys
 
@@ -105,6 +104,20 @@ def test_init_from_unfinished_workdir_lays_its_checkpoint_over_its_own_init_from
     assert any(not np.array_equal(got[k], v) for k, v in _all_variables(result).items())
 
 
+def test_init_from_an_interrupted_random_stage1_regenerates_its_frozen_weights(tmp_path):
+    """Stage 1 from random weights, stopped before it finished: its frozen weights (never checkpointed) come back
+    from its seed, its calibrated feature norm from beside its checkpoints, its trained ones from the checkpoint."""
+    cfg = stage_config(1, num_steps=4, **{"model.calibrate_feature_norm": 0.3})
+    interrupted = loop.train(cfg, tmp_path / "s1", make_iterator=random_batches(), max_steps=2)
+    assert interrupted.status == "stopped"
+    got = _all_variables(loop.train(stage_config(2, init_from=str(tmp_path / "s1")), tmp_path / "s2",
+                                    make_iterator=random_batches(), max_steps=0))
+    expected = _all_variables(interrupted)
+    assert got.keys() == expected.keys()
+    for key in expected:
+        np.testing.assert_array_equal(got[key], expected[key], err_msg=key)
+
+
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     cfg = stage_config(1, num_steps=4)
     with pytest.raises(loop.NonFiniteLossError, match=r"non-finite loss nan .* at step 3.* last good checkpoint "
@@ -133,4 +146,36 @@ def test_launch_train_runs_as_a_command(tmp_path, compilation_cache_dir):
     assert all(np.isfinite(r["loss"]) and r["tokens"] > 0 for r in records)
     assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["1", "2"]
     assert pretrained.read_config(workdir / "final")[1].htsat.depths == (2, 2, 2, 2)
-    assert json.loads((workdir / "config.json").read_text())["num_steps"] == 2
+    assert json.loads((workdir / "run_config.json").read_text())["num_steps"] == 2
+    assert "AF2 stage 1, preset tiny" in proc.stderr and "starts from: random weights" in proc.stderr
+    assert "compiling the train step" in proc.stderr
+
+
+def test_launch_train_config_errors_are_one_line_and_create_nothing(tmp_path):
+    workdir = tmp_path / "never"
+    stage1 = f"{REPO / 'configs' / 'stage1.py'}:tiny"
+    cases = [(["--config", str(REPO / "configs" / "nope.py")], "nope.py"),
+             (["--config", stage1, "--config.nonexistent_field=1"], "no field 'nonexistent_field'"),
+             (["--config", stage1, "--config.batch_size=0"], "batch_size must be a number >= 1, got 0"),
+             (["--config", f"{REPO / 'configs' / 'stage1.py'}:huge"], "unknown preset 'huge'"),
+             (["--config", stage1, f"--config.init_from={tmp_path / 'missing'}"], "missing")]
+    for args, expected in cases:
+        proc = subprocess.run([sys.executable, str(REPO / "launch" / "train.py"), "--workdir", str(workdir), *args],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+        assert proc.returncode == 2, (args, proc.stderr[-2000:])
+        assert len(errors) == 1 and expected in errors[0], (args, proc.stderr[-2000:])
+        assert "Traceback" not in proc.stderr and not workdir.exists(), args
+
+
+def test_all_unreadable_training_data_stops_with_a_clear_error(tmp_path):
+    manifest = tmp_path / "allbad.jsonl"
+    manifest.write_text("".join(json.dumps({"audio": str(tmp_path / f"gone{i}.wav"), "prompt": "q", "answer": "a"})
+                                + "\n" for i in range(3)))
+    command = [sys.executable, str(REPO / "launch" / "train.py"), "--config", f"{REPO / 'configs' / 'stage1.py'}:tiny",
+               "--workdir", str(tmp_path / "run"),
+               f"--config.data.sources=({{'kind': 'jsonl', 'path': '{manifest}', 'weight': 1.0}},)"]
+    proc = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "1000 records in a row could not be used" in proc.stderr and "gone" in proc.stderr
+    assert "Traceback" not in proc.stderr
