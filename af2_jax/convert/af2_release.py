@@ -25,17 +25,17 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import re
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 from safetensors.numpy import save_file
 
+from af2_jax import param_tree
 from af2_jax.convert import commands
 from af2_jax.convert.af2_torch import audio_transformer_rules, htsat_rules
 from af2_jax.convert.mapping import (IDENTITY, LINEAR, Alias, ConversionError, Rule, Tensor, Transform,
-                                     export_tensors, flatten, import_tensors)
+                                     export_tensors, import_tensors)
 from af2_jax.convert.qwen2_hf import qwen2_layer_rules
 from af2_jax.convert.tensor_files import PrefixView, SafetensorsSource, TorchFileSource
 from af2_jax.models.xattn import XAttnConfig
@@ -142,6 +142,9 @@ class _Overlay:
     def get(self, key: str) -> np.ndarray:
         return (self.primary if key in self._primary_keys else self.fallback).get(key)
 
+    def shape(self, key: str) -> tuple[int, ...]:
+        return (self.primary if key in self._primary_keys else self.fallback).shape(key)
+
 
 def read_chunk_names(metadata_path: Path) -> list[str]:
     """Chunk names from safe_ckpt/metadata.json: a JSON list of names or a dict keyed by name."""
@@ -209,29 +212,6 @@ def open_release(src: str | Path) -> ReleaseSource:
     return release
 
 
-def count_layers(keys, pattern: str = r"lang_encoder\.model\.layers\.(\d+)\.decoder_layer\.") -> int:
-    found = {int(m.group(1)) for k in keys if (m := re.match(pattern, k))}
-    return max(found) + 1 if found else 0
-
-
-def detect_preset(source) -> tuple[str, dict]:
-    """The AF2 preset whose LLM matches the checkpoint (hidden size, depth), and the vocabulary override."""
-    from af2_jax.models.af2 import AF2_PRESETS
-    from af2_jax.models.qwen2 import QWEN2_PRESETS
-
-    keys = source.keys()
-    if EMBED_KEY not in keys:
-        raise ConversionError({"missing keys": [EMBED_KEY]})
-    vocab, hidden = source.get(EMBED_KEY).shape
-    layers = count_layers(keys)
-    for name, spec in AF2_PRESETS.items():
-        llm = QWEN2_PRESETS[spec["llm"]]
-        if llm["hidden_size"] == hidden and llm["num_layers"] == layers:
-            return name, {"vocab_size": int(vocab)}
-    raise ValueError(f"no AF2 preset has an LLM of hidden size {hidden} and {layers} layers; "
-                     f"known: {sorted(AF2_PRESETS)}")
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # import / export
 
@@ -242,8 +222,7 @@ def param_shapes(config) -> dict[str, Any]:
 
     from af2_jax.models.af2 import AF2Model
 
-    abstract = nnx.eval_shape(lambda: AF2Model(config, rngs=nnx.Rngs(0)))
-    return flatten(nnx.state(abstract).to_pure_dict())
+    return param_tree.model_params(param_tree.abstract_model(lambda: AF2Model(config, rngs=nnx.Rngs(0))))
 
 
 def _progress_bar(total: int, desc: str, enabled: bool):
@@ -253,29 +232,39 @@ def _progress_bar(total: int, desc: str, enabled: bool):
 
 
 def import_release(src: str | Path, *, preset: str | None = None, dtype: Any = None, progress: bool = True,
-                   **config_overrides) -> tuple[Any, dict[str, np.ndarray], dict]:
+                   overrides: Mapping[str, Any] | None = None, **config_overrides) -> tuple[Any, dict[str, np.ndarray],
+                                                                                         dict]:
     """(AF2Config, flat params, report) from a release directory or state-dict file.
 
-    The preset is detected from the LLM's shapes unless given; `dtype` (default float32, as the release) sets the
-    stored parameter dtype. Every key is accounted for (ConversionError names the others).
+    The config is inferred from the checkpoint's shapes (af2_shapes.infer_config: any size converts; head counts
+    no shape holds come from the preset of the same widths or `overrides`), or is `preset`'s when given.
+    `dtype` (default float32, as the release) sets the stored parameter dtype; `config_overrides` set AF2Config
+    fields (max_windows...). Every key is accounted for (ConversionError names the others).
     """
     import jax.numpy as jnp
 
+    from af2_jax.convert.af2_shapes import infer_config
     from af2_jax.models.af2 import af2_preset
 
     release = open_release(src)
     source = release.source
-    name, llm_overrides = (preset, {}) if preset else detect_preset(source)
     dtype = getattr(jnp, dtype) if isinstance(dtype, str) else dtype
-    config = af2_preset(name, **({} if dtype is None else {"param_dtype": dtype}), **config_overrides)
-    if llm_overrides:
-        config = dataclasses.replace(config, llm=dataclasses.replace(config.llm, **llm_overrides))
+    dtypes = {} if dtype is None else {"param_dtype": dtype}
+    if preset:
+        name = preset
+        config = af2_preset(preset, **dtypes, **config_overrides)
+        if EMBED_KEY in source.keys():  # the release's vocabulary (the reference resizes it to its tokenizer)
+            config = dataclasses.replace(config, llm=dataclasses.replace(
+                config.llm, vocab_size=int(source.shape(EMBED_KEY)[0])))
+    else:
+        config, name = infer_config(source, overrides=overrides, **dtypes, **config_overrides)
     shapes = param_shapes(config)
     targets = {path: (s.shape, s.dtype) for path, s in shapes.items()}
     keys = source.keys()
     with _progress_bar(len(keys), f"reading {Path(src).name}", progress) as bar:
         params = import_tensors(af2_rules(config), source, targets, progress=lambda key: bar.update())
-    report = {"source": release.description, "preset": name, "keys_read": len(keys),
+    report = {"source": release.description, "preset": name or "none (sizes from the checkpoint's shapes)",
+              "keys_read": len(keys),
               "clap_checkpoint_keys_ignored": release.clap_keys_ignored,
               "clap_keys_overridden_by_safe_ckpt": release.clap_keys_overridden,
               "parameters": len(params)}
@@ -344,29 +333,27 @@ def import_tokenizer(tokenizer_dir: str | Path, config):
 
     Raises ValueError when the tokenizer's size differs from the checkpoint's vocabulary (the reference resizes the
     embeddings to len(tokenizer), so they must agree)."""
-    from af2_jax.tokenizer import AF2Tokenizer
+    from af2_jax.tokenizer import AF2Tokenizer, with_token_ids
 
     tokenizer = AF2Tokenizer.from_dir(tokenizer_dir)
     if len(tokenizer) != config.llm.vocab_size:
         raise ValueError(f"{tokenizer_dir}: tokenizer has {len(tokenizer)} tokens (AF2 special tokens included) but "
                          f"the checkpoint's embedding has {config.llm.vocab_size} rows")
-    config = dataclasses.replace(config, audio_token_id=tokenizer.audio_id, eoc_token_id=tokenizer.eoc_id,
-                                 pad_token_id=tokenizer.pad_id, sep_token_id=tokenizer.sep_id,
-                                 eos_token_id=tokenizer.eos_id)
-    return tokenizer, config
+    return tokenizer, with_token_ids(config, tokenizer)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # launch/convert.py subcommands
 
-TOKENIZER_DIR = "tokenizer"
-
-
 def _add_from_torch_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokenizer", default=None, metavar="DIR",
                         help="local HF tokenizer directory (tokenizer.json) of the checkpoint's LLM; stored as "
                              "DST/tokenizer with AF2's special tokens added if absent")
-    parser.add_argument("--preset", default=None, help="AF2 preset (tiny, 0.5b, 1.5b, 3b); default: detected")
+    parser.add_argument("--preset", default=None,
+                        help="AF2 preset (tiny, 0.5b, 1.5b, 3b); default: every size from the checkpoint's shapes")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="a config field no shape holds: llm.num_heads=16, audio_transformer.n_heads=8, "
+                             "max_windows=30 (repeatable); needed only for sizes no preset has")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                         help="dtype of the stored parameters (default float32, as the release)")
 
@@ -378,17 +365,35 @@ def _add_to_torch_flags(parser: argparse.ArgumentParser) -> None:
                              "the reference's loader opens before safe_ckpt")
 
 
+def parse_settings(entries) -> tuple[dict[str, Any], dict[str, Any]]:
+    """['llm.num_heads=4', 'max_windows=30'] -> ({'llm.num_heads': 4}, {'max_windows': 30}); values are Python
+    literals."""
+    import ast
+
+    overrides, fields = {}, {}
+    for entry in entries:
+        key, eq, text = entry.partition("=")
+        if not eq or not key:
+            raise ValueError(f"--set {entry!r}: expected FIELD=VALUE")
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            raise ValueError(f"--set {entry!r}: {text!r} is not a number, string or tuple literal") from None
+        (overrides if "." in key else fields)[key.strip()] = value
+    return overrides, fields
+
+
 def _af2_from_torch(args: argparse.Namespace) -> None:
     from af2_jax import pretrained
 
-    config, params, report = import_release(args.src, preset=args.preset, dtype=args.dtype, progress=args.progress)
+    overrides, fields = parse_settings(args.set)
+    config, params, report = import_release(args.src, preset=args.preset, dtype=args.dtype, progress=args.progress,
+                                            overrides=overrides, **fields)
     tokenizer = None
     if args.tokenizer:
         tokenizer, config = import_tokenizer(args.tokenizer, config)
-    pretrained.save(args.dst, config, params)
-    if tokenizer is not None:
-        tokenizer.save(Path(args.dst) / TOKENIZER_DIR)
-    else:
+    pretrained.save(args.dst, config, params, tokenizer=tokenizer)
+    if tokenizer is None:
         print(f"warning: no --tokenizer given; {args.dst} holds no tokenizer (launch/infer.py needs one)")
     for key, value in report.items():
         print(f"{key}: {value}")

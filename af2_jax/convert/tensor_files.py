@@ -15,6 +15,10 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 
+class UnreadableFileError(ValueError):
+    """A tensor file that is not what its name says (garbage, truncated, or unsafe to unpickle)."""
+
+
 class SafetensorsSource:
     """One or many safetensors files seen as one state dict (keys must not repeat across files)."""
 
@@ -26,7 +30,11 @@ class SafetensorsSource:
         for path in self.paths:
             if not path.is_file():
                 raise FileNotFoundError(f"{path}: no such safetensors file")
-            with safe_open(str(path), framework="numpy") as f:
+            try:
+                f = safe_open(str(path), framework="numpy")
+            except Exception as e:  # the Rust error (header too large, invalid JSON...) says what; we add which file
+                raise UnreadableFileError(f"{path}: not a readable safetensors file ({e})") from None
+            with f:
                 for key in f.keys():
                     if key in self._where:
                         raise ValueError(f"key {key!r} appears in both {self._where[key]} and {path}")
@@ -51,7 +59,7 @@ class SafetensorsSource:
         # file by file, so that reads stay sequential within a shard
         return sorted(self._where, key=lambda k: (self.paths.index(self._where[k]),))
 
-    def get(self, key: str) -> np.ndarray:
+    def _file(self, key: str):
         path = self._where[key]
         if path != self._open_path:
             if self._open is not None:
@@ -59,7 +67,14 @@ class SafetensorsSource:
             self._open = safe_open(str(path), framework="numpy")
             self._open.__enter__()
             self._open_path = path
-        return self._open.get_tensor(key)
+        return self._open
+
+    def get(self, key: str) -> np.ndarray:
+        return self._file(key).get_tensor(key)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        """Without reading the tensor (from the file's header)."""
+        return tuple(self._file(key).get_slice(key).get_shape())
 
 
 class TorchFileSource:
@@ -76,9 +91,13 @@ class TorchFileSource:
         if not self.path.is_file():
             raise FileNotFoundError(f"{self.path}: no such file")
         try:
-            obj = torch.load(str(self.path), map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError:  # legacy (non-zip) files cannot be memory-mapped
-            obj = torch.load(str(self.path), map_location="cpu", weights_only=True)
+            try:
+                obj = torch.load(str(self.path), map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError:  # legacy (non-zip) files cannot be memory-mapped
+                obj = torch.load(str(self.path), map_location="cpu", weights_only=True)
+        except Exception as e:  # corrupt, truncated, or holding objects weights_only refuses to unpickle
+            raise UnreadableFileError(f"{self.path}: not a readable torch state-dict file "
+                                      f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
         for nested in ("state_dict", "model_state_dict", "model"):
             if isinstance(obj, dict) and isinstance(obj.get(nested), dict):
                 obj = obj[nested]
@@ -92,6 +111,9 @@ class TorchFileSource:
 
     def get(self, key: str) -> np.ndarray:
         return torch_to_numpy(self._tensors[key])
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._tensors[key].shape)
 
 
 def torch_to_numpy(t) -> np.ndarray:
@@ -126,6 +148,9 @@ class ChainSource:
                 raise ValueError(f"key {key!r} differs between the sources that hold it")
         return value
 
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._where[key][0].shape(key)
+
 
 class PrefixView:
     """The keys of `source` that start with `prefix`, seen with that prefix replaced by `replace_with` (kept when
@@ -141,6 +166,9 @@ class PrefixView:
 
     def get(self, key: str) -> np.ndarray:
         return self.source.get(self._names[key])
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self.source.shape(self._names[key])
 
 
 class ShardedSafetensorsWriter:

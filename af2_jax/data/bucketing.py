@@ -24,13 +24,22 @@ from af2_jax.data.examples import Skipped
 # Private keys that travel with a batch from the workers to the main process, which strips them (pipeline.py).
 SKIPPED_KEY = "_skipped"
 REAL_WINDOWS_KEY = "_real_windows"
+# Records skipped in a row before the stream gives up. The sources are shuffled, so usable records never cluster:
+# with even 99% of them bad, 1000 bad ones in a row is a 4e-5 chance; with none usable the run would spin forever.
+MAX_CONSECUTIVE_SKIPS = 1000
+
+
+class NoUsableDataError(RuntimeError):
+    """The data stream produced only skipped records for `MAX_CONSECUTIVE_SKIPS` in a row: nothing usable is
+    left (every audio file unreadable, every prompt too long...)."""
 
 
 class BucketBatchIterDataset(grain.IterDataset):
     """Batches of `batch_size` examples from a MapDataset of examples (or `Skipped` markers, or None)."""
 
     def __init__(self, parent: grain.MapDataset, *, batch_size: int, pad_id: int, max_tokens: int,
-                 max_pending: int | None = None, drop_remainder: bool = True, window_buckets=()):
+                 max_pending: int | None = None, drop_remainder: bool = True, window_buckets=(),
+                 max_consecutive_skips: int = MAX_CONSECUTIVE_SKIPS):
         super().__init__(parent)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -42,6 +51,7 @@ class BucketBatchIterDataset(grain.IterDataset):
         self._max_tokens = max_tokens
         self._max_pending = max(max_pending or 4 * batch_size, batch_size)
         self._drop_remainder = drop_remainder
+        self._max_consecutive_skips = max_consecutive_skips
 
     def set_slice(self, sl: slice, sequential_slice: bool = False) -> None:
         """Called by grain's mp_prefetch on each worker's copy: read only that worker's share of the parent."""
@@ -50,7 +60,8 @@ class BucketBatchIterDataset(grain.IterDataset):
     def __iter__(self) -> "BucketBatchIterator":
         return BucketBatchIterator(self._parent, batch_size=self._batch_size, pad_id=self._pad_id,
                                    max_tokens=self._max_tokens, max_pending=self._max_pending,
-                                   drop_remainder=self._drop_remainder, window_buckets=self._window_buckets)
+                                   drop_remainder=self._drop_remainder, window_buckets=self._window_buckets,
+                                   max_consecutive_skips=self._max_consecutive_skips)
 
     def __str__(self) -> str:
         return f"BucketBatchIterDataset(batch_size={self._batch_size}, max_pending={self._max_pending})"
@@ -59,7 +70,7 @@ class BucketBatchIterDataset(grain.IterDataset):
 class BucketBatchIterator(grain.DatasetIterator):
 
     def __init__(self, source: grain.MapDataset, *, batch_size, pad_id, max_tokens, max_pending, drop_remainder,
-                 window_buckets=()):
+                 window_buckets=(), max_consecutive_skips: int = MAX_CONSECUTIVE_SKIPS):
         super().__init__()
         self._source = source
         self._length = len(source)
@@ -72,6 +83,8 @@ class BucketBatchIterator(grain.DatasetIterator):
         self._next_index = 0
         self._pending: list[tuple[int, dict]] = []  # (source index, example), oldest first
         self._skipped: list[list[str]] = []  # [record id, reason] not yet reported with a batch
+        self._max_consecutive_skips = max_consecutive_skips
+        self._skips_in_a_row = 0
 
     def __next__(self) -> dict[str, Any]:
         while True:
@@ -91,8 +104,14 @@ class BucketBatchIterator(grain.DatasetIterator):
             return
         if isinstance(item, Skipped):
             self._skipped.append([item.record_id, item.reason])
+            self._skips_in_a_row += 1
+            if self._skips_in_a_row >= self._max_consecutive_skips:
+                raise NoUsableDataError(
+                    f"{self._skips_in_a_row} records in a row could not be used, so nothing usable is left in the "
+                    f"data; the last one, {item.record_id}: {item.reason}")
         else:
             self._pending.append((index, item))
+            self._skips_in_a_row = 0
 
     def _windows_at(self, position: int) -> int:
         """The padded window count of a pending example: its bucket, or its own count (none, or beyond the last)."""
@@ -126,7 +145,7 @@ class BucketBatchIterator(grain.DatasetIterator):
 
     def get_state(self) -> dict[str, Any]:
         return {"next_index": self._next_index, "pending": [index for index, _ in self._pending],
-                "skipped": [list(s) for s in self._skipped]}
+                "skipped": [list(s) for s in self._skipped], "skips_in_a_row": self._skips_in_a_row}
 
     def set_state(self, state: dict[str, Any]) -> None:
         self._next_index = int(state["next_index"])
@@ -134,6 +153,7 @@ class BucketBatchIterator(grain.DatasetIterator):
         self._pending = []
         for index in state["pending"]:  # decoding is a pure function of the index: this rebuilds the buffer
             self._take(int(index), self._source[int(index)])
+        self._skips_in_a_row = int(state.get("skips_in_a_row", 0))  # absent in checkpoints of older runs
 
     def __str__(self) -> str:
         return f"BucketBatchIterator(next_index={self._next_index}, pending={len(self._pending)})"

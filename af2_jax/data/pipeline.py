@@ -23,6 +23,9 @@ from af2_jax.data import bucketing, sources
 from af2_jax.data.examples import make_example_or_skip
 
 PADDING_LOG_EVERY = 100  # batches
+# Warn once when more than this share of the records read so far was skipped (after at least HIGH_SKIP_MIN_RECORDS).
+HIGH_SKIP_SHARE = 0.2
+HIGH_SKIP_MIN_RECORDS = 50
 
 
 def ensure_absl_flags_parsed(argv=None) -> None:
@@ -99,6 +102,9 @@ class AccountingIterator(grain.DatasetIterator):
         super().__init__(parent)
         self.num_skipped = 0
         self.skipped: list[tuple[str, str]] = []  # the most recent (record id, reason), for logs and tests
+        self._reported: set[str] = set()  # record ids whose reason was logged (the data repeats every epoch)
+        self._warned_share = False
+        self.num_rows = 0
         self.num_batches = 0
         self.real_windows = 0
         self.total_windows = 0
@@ -113,18 +119,27 @@ class AccountingIterator(grain.DatasetIterator):
         for record_id, reason in batch.pop(bucketing.SKIPPED_KEY):
             self.num_skipped += 1
             self.skipped = (self.skipped + [(record_id, reason)])[-100:]
-            logging.warning("skipped record %s (%d skipped so far): %s", record_id, self.num_skipped, reason)
+            if record_id not in self._reported:  # each record's reason once; later passes are only counted
+                self._reported.add(record_id)
+                logging.warning("skipped record %s (%d skipped so far): %s", record_id, self.num_skipped, reason)
         self.real_windows += int(batch.pop(bucketing.REAL_WINDOWS_KEY))
         self.total_windows += int(batch["audio_mask"].size)
+        self.num_rows += int(batch["audio_mask"].shape[0])
         self.num_batches += 1
+        seen = self.num_rows + self.num_skipped
+        if not self._warned_share and seen >= HIGH_SKIP_MIN_RECORDS and self.num_skipped > HIGH_SKIP_SHARE * seen:
+            self._warned_share = True
+            logging.warning("data: %d of the %d records read so far (%.0f%%) were skipped (%d distinct); the "
+                            "model sees the rest more often than their weights say", self.num_skipped, seen,
+                            100 * self.num_skipped / seen, len(self._reported))
         if self.num_batches % PADDING_LOG_EVERY == 0:
-            logging.info("data: %d batches, audio padding %.1f%% of windows, %d records skipped",
-                         self.num_batches, 100 * self.padding_fraction, self.num_skipped)
+            logging.info("data: %d batches, audio padding %.1f%% of windows, %d records skipped (%d distinct)",
+                         self.num_batches, 100 * self.padding_fraction, self.num_skipped, len(self._reported))
         return batch
 
     def get_state(self) -> dict[str, Any]:
         return {"parent": self._parent.get_state(), "num_skipped": self.num_skipped, "num_batches": self.num_batches,
-                "real_windows": self.real_windows, "total_windows": self.total_windows}
+                "real_windows": self.real_windows, "total_windows": self.total_windows, "num_rows": self.num_rows}
 
     def set_state(self, state: dict[str, Any]) -> None:
         self._parent.set_state(state["parent"])
@@ -132,6 +147,7 @@ class AccountingIterator(grain.DatasetIterator):
         self.num_batches = int(state["num_batches"])
         self.real_windows = int(state["real_windows"])
         self.total_windows = int(state["total_windows"])
+        self.num_rows = int(state.get("num_rows", 0))  # absent in checkpoints of older runs
 
     def close(self) -> None:
         """Stops worker processes (mp_prefetch) now rather than at garbage collection."""

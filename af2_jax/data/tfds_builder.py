@@ -17,13 +17,17 @@ from __future__ import annotations
 
 import argparse
 import functools
+import hashlib
+import json
 import logging
 import pathlib
+import shutil
 import sys
 
 import numpy as np
 
 NAME = "af2_audio"
+BUILD_INPUTS_FILE = "af2_build_inputs.json"
 DEFAULT_MAX_SECONDS = 300.0  # 30 windows = 5 minutes, AF2's longest context
 
 
@@ -104,16 +108,53 @@ def encode_record(record: dict, max_seconds: float = DEFAULT_MAX_SECONDS) -> dic
     }
 
 
-def build(splits: dict, out_dir, *, max_seconds: float = DEFAULT_MAX_SECONDS) -> pathlib.Path:
-    """Build the dataset under `out_dir`; returns the folder holding the shards (out_dir/af2_audio/1.0.0)."""
+def build_inputs(splits: dict, max_seconds: float) -> dict:
+    """What a build is made from: each split's manifest (path and a hash of its content) or in-memory records (a
+    hash of their text fields), and the settings. Stored beside the shards as BUILD_INPUTS_FILE."""
+    described = {}
+    for name, source in sorted(splits.items()):
+        if isinstance(source, (str, pathlib.Path)):
+            path = pathlib.Path(source).absolute()
+            if not path.is_file():
+                raise FileNotFoundError(f"split {name}: manifest {path} not found")
+            described[name] = {"manifest": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+        else:
+            text = json.dumps([[str(r.get(k, "")) for k in ("id", "audio", "prompt", "answer")] for r in source])
+            described[name] = {"records": len(source), "sha256": hashlib.sha256(text.encode()).hexdigest()}
+    return {"splits": described, "max_seconds": float(max_seconds)}
+
+
+def build(splits: dict, out_dir, *, max_seconds: float = DEFAULT_MAX_SECONDS, overwrite: bool = False
+          ) -> pathlib.Path:
+    """Build the dataset under `out_dir`; returns the folder holding the shards (out_dir/af2_audio/1.0.0).
+
+    TFDS reuses a dataset already built there whatever it was built from; so a build from the same manifests
+    (same content) and settings is reused, one from others is an error unless `overwrite` rebuilds it."""
     import tensorflow_datasets as tfds
 
+    inputs = build_inputs(splits, max_seconds)
     builder = _builder_class()(splits=splits, max_seconds=max_seconds, data_dir=str(out_dir),
                                file_format="array_record")
+    dataset_dir = pathlib.Path(builder.data_dir)
+    if (dataset_dir / "dataset_info.json").is_file():
+        stored = dataset_dir / BUILD_INPUTS_FILE
+        previous = json.loads(stored.read_text()) if stored.is_file() else None
+        if previous == inputs:
+            logging.info("%s: already built from the same manifests and settings; reusing it", dataset_dir)
+            return dataset_dir
+        if not overwrite:
+            raise FileExistsError(
+                f"{dataset_dir} already holds a dataset built from "
+                f"{previous['splits'] if previous else 'unrecorded inputs'}; pass --overwrite to rebuild it from "
+                f"{inputs['splits']}, or choose another --out")
+        shutil.rmtree(dataset_dir)
+        builder = _builder_class()(splits=splits, max_seconds=max_seconds, data_dir=str(out_dir),
+                                   file_format="array_record")
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(max_examples_per_split=None))
+    (dataset_dir / BUILD_INPUTS_FILE).write_text(json.dumps(inputs, indent=1) + "\n")
     if builder.num_skipped:
         logging.warning("%d rows skipped (unreadable audio)", builder.num_skipped)
-    return pathlib.Path(builder.data_dir)
+    return dataset_dir
 
 
 def _find_dataset_dir(path) -> pathlib.Path:
@@ -170,6 +211,8 @@ def main(argv=None) -> int:
     parser.add_argument("--split", default="train", help="split name for a --manifest given without one")
     parser.add_argument("--out", required=True, help="output data_dir")
     parser.add_argument("--max-seconds", type=float, default=DEFAULT_MAX_SECONDS)
+    parser.add_argument("--overwrite", action="store_true",
+                        help="rebuild when --out already holds a dataset built from other manifests")
     args = parser.parse_args(argv)
     splits = {}
     for item in args.manifest:
@@ -178,7 +221,11 @@ def main(argv=None) -> int:
             parser.error(f"split {split!r} given twice")
         splits[split] = path
     logging.basicConfig(level=logging.INFO)
-    out = build(splits, args.out, max_seconds=args.max_seconds)
+    try:
+        out = build(splits, args.out, max_seconds=args.max_seconds, overwrite=args.overwrite)
+    except (FileExistsError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(out)
     return 0
 

@@ -152,3 +152,65 @@ def test_cli_both_ways_with_tokenizer(tmp_path, reference):
     failed = subprocess.run(run + ["af2-from-torch", str(tmp_path / "nowhere"), str(tmp_path / "x")],
                             capture_output=True, text=True, cwd=tmp_path)
     assert failed.returncode != 0 and "nowhere" in failed.stderr
+
+
+def _random_af2(config, seed=0):
+    from flax import nnx
+
+    from af2_jax import param_tree
+    from af2_jax.models.af2 import AF2Model
+
+    return {k: np.asarray(v) for k, v in param_tree.model_params(AF2Model(config, rngs=nnx.Rngs(seed))).items()}
+
+
+def test_cli_converts_a_checkpoint_of_no_preset_size(tmp_path):
+    """Sizes no preset has (LLM width 96 with 2 layers, a 4-block HTSAT, an untied head): the shapes give every
+    size; the head counts and the position limit, which no shape holds, are passed with --set."""
+    import dataclasses
+
+    from af2_jax import pretrained
+    from af2_jax.convert.af2_release import export_release
+    from af2_jax.models.af2 import af2_preset
+    from af2_jax.models.qwen2 import qwen2_preset
+
+    base = af2_preset("tiny")
+    llm = qwen2_preset("tiny", hidden_size=96, intermediate_size=160, num_layers=2, num_heads=6, num_kv_heads=2,
+                       vocab_size=260, tie_word_embeddings=False)
+    config = dataclasses.replace(
+        base, llm=llm, xattn=dataclasses.replace(base.xattn, dim=96, heads=2),
+        htsat=dataclasses.replace(base.htsat, embed_dim=8, depths=(2, 2, 2, 2), num_heads=(2, 2, 4, 4)),
+        audio_time_embedding=False, max_windows=5, audio_token_id=256, eoc_token_id=257, pad_token_id=258,
+        sep_token_id=259, eos_token_id=255)
+    params = _random_af2(config)
+    export_release(config, params, tmp_path / "release", progress=False)
+    run = [sys.executable, str(REPO / "launch" / "convert.py"), "af2-from-torch", str(tmp_path / "release")]
+    missing = subprocess.run(run + [str(tmp_path / "x"), "--no-progress"], capture_output=True, text=True)
+    assert missing.returncode == 1 and "llm.num_heads" in missing.stderr and "Traceback" not in missing.stderr
+    done = subprocess.run(run + [str(tmp_path / "ours"), "--no-progress", "--set", "llm.num_heads=6",
+                                 "--set", "audio_transformer.n_heads=2", "--set", "max_windows=5",
+                                 "--set", "llm.max_position_embeddings=512"],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    got_config, got = pretrained.load(tmp_path / "ours")
+    assert got_config == config
+    assert got.keys() == params.keys()
+    for key, value in params.items():
+        np.testing.assert_array_equal(got[key], value, err_msg=key)
+
+
+def test_garbage_files_and_wrong_shapes_are_named_once(tmp_path, reference):
+    _, values = reference
+    (tmp_path / "garbage.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not a header at all")
+    run = [sys.executable, str(REPO / "launch" / "convert.py"), "af2-from-torch"]
+    done = subprocess.run(run + [str(tmp_path / "garbage.safetensors"), str(tmp_path / "x")], capture_output=True,
+                          text=True)
+    assert done.returncode == 1 and "not a readable safetensors file" in done.stderr
+    assert "Traceback" not in done.stderr
+    bad = dict(values)
+    key = "lang_encoder.model.norm.weight"
+    bad[key] = np.zeros(bad[key].shape[0] + 1, np.float32)
+    save_file(bad, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(ConversionError) as err:
+        import_release(tmp_path / "bad.safetensors", progress=False, preset="tiny")
+    assert list(err.value.problems) == ["mis-shaped keys"], err.value.problems  # not also "missing"
+    assert key in str(err.value)

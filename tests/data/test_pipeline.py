@@ -95,6 +95,39 @@ def test_bad_records_are_skipped_counted_and_named(tmp_path, tok):
     assert "not found" in reasons["missing"]
 
 
+def test_each_bad_record_is_reported_once_then_counted_across_passes(tmp_path, tok, caplog):
+    rows = [{"audio": str(write_wav(tmp_path / f"good{i}.wav", int16_tone(1.0, seed=i))), "prompt": "what is it?",
+             "answer": "a tone", "id": f"good{i}"} for i in range(3)]
+    rows.append({"audio": str(tmp_path / "missing.wav"), "prompt": "q", "answer": "a", "id": "missing"})
+    manifest = write_jsonl(tmp_path / "m.jsonl", rows)
+    it = pipeline.make_iterator({"sources": [{"kind": "jsonl", "path": str(manifest)}]}, tok, seed=0, batch_size=3,
+                                max_windows=1, max_tokens=MAX_TOKENS)  # repeats forever, as training does
+    with caplog.at_level("WARNING"):
+        for _ in range(6):  # six passes over the manifest
+            next(it)
+    assert it.num_skipped >= 5  # (a pass's skip is reported with the batch after it)
+    assert sum("skipped record missing" in r.getMessage() for r in caplog.records) == 1
+    assert any("were skipped" in r.getMessage() for r in caplog.records) is False  # 1 in 4 is under the alarm
+
+
+def test_a_high_skipped_share_is_warned_about_once(caplog):
+    counts = [1, 0, 0, 0] * 40  # three of every four records unusable
+    it = iter(_bucketed(counts, batch_size=2))
+    with caplog.at_level("WARNING"):
+        batches = list(it)
+    assert len(batches) == 20
+    share = [r.getMessage() for r in caplog.records if "were skipped" in r.getMessage()]
+    assert len(share) == 1 and "%" in share[0]
+
+
+def test_nothing_usable_left_stops_the_stream_with_the_reason():
+    it = iter(_bucketed([0] * 30, batch_size=2, max_consecutive_skips=25))
+    with pytest.raises(bucketing.NoUsableDataError, match="25 records in a row could not be used.*ex24: broken"):
+        next(it)
+    ok = iter(_bucketed([0] * 24 + [1, 1], batch_size=2, max_consecutive_skips=25))
+    assert next(ok)["audio"].shape[0] == 2  # 24 in a row is still under the limit
+
+
 def _fake_examples(window_counts):
     """Examples whose audio encodes (index, window) so a batch row can be traced back."""
     examples = []
@@ -110,10 +143,11 @@ def _fake_examples(window_counts):
     return examples
 
 
-def _bucketed(counts, batch_size=2, max_pending=None, window_buckets=()):
+def _bucketed(counts, batch_size=2, max_pending=None, window_buckets=(),
+              max_consecutive_skips=bucketing.MAX_CONSECUTIVE_SKIPS):
     ds = bucketing.BucketBatchIterDataset(grain.MapDataset.source(_fake_examples(counts)), batch_size=batch_size,
                                           pad_id=0, max_tokens=4, max_pending=max_pending,
-                                          window_buckets=window_buckets)
+                                          window_buckets=window_buckets, max_consecutive_skips=max_consecutive_skips)
     return pipeline.AccountingIterDataset(ds)
 
 

@@ -46,3 +46,20 @@ def test_arrayrecord_source_feeds_the_pipeline(tmp_path):
     wave = batches[0]["audio"][0, 0]
     assert np.abs(wave[:n]).max() == 1.0 and not wave[n:].any()
     assert np.array_equal(wave[:n], (first["audio_int16"] / 32767.0).astype(np.float32))
+
+
+def test_rebuilding_into_the_same_out_with_other_manifests_is_refused(tmp_path, capsys):
+    clip = str(write_wav(tmp_path / "a.wav", int16_tone(0.5, seed=0)))
+    first = write_jsonl(tmp_path / "first.jsonl", [{"audio": clip, "prompt": "p", "answer": "one", "id": "a"}])
+    second = write_jsonl(tmp_path / "second.jsonl", [{"audio": clip, "prompt": "p", "answer": "two", "id": "b"},
+                                                     {"audio": clip, "prompt": "q", "answer": "three", "id": "c"}])
+    out = str(tmp_path / "out")
+    assert tfds_builder.main(["--manifest", f"train={first}", "--out", out]) == 0
+    assert tfds_builder.main(["--manifest", f"train={first}", "--out", out]) == 0  # the same inputs: reused
+    assert tfds_builder.main(["--manifest", f"train={second}", "--out", out]) == 2
+    err = capsys.readouterr().err
+    assert "first.jsonl" in err and "--overwrite" in err
+    assert [tfds_builder.ArrayRecordSource(out)[i]["id"] for i in range(1)] == ["a"]  # the old data untouched
+    assert tfds_builder.main(["--manifest", f"train={second}", "--out", out, "--overwrite"]) == 0
+    source = tfds_builder.ArrayRecordSource(out)
+    assert sorted(source[i]["answer"] for i in range(len(source))) == ["three", "two"]
