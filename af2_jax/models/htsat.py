@@ -16,6 +16,11 @@ masks are structural constants recomputed here (`relative_position_index`, `shif
 `train=False` (eval semantics; what a frozen encoder uses): bn0 and the fusion BatchNorms use their running
 statistics, no SpecAugment, no drop path, no fusion branch; `rngs` is ignored.
 
+`clip_tokens(mel_fusion, longer)` is AF-CLAP's eval forward (never used by AF2): one (4, 1001, 64) `mel_fusion` per
+clip, channel 0 the global mel, channels 1-3 three local crops of a clip longer than 10 s; clips flagged `longer`
+go through the fusion branch (mel_conv2d over the 3 crops, AFF with running statistics), the others use channel 0
+exactly as `__call__` does.
+
 `train=True` follows the reference's training mode (HTSAT_Swin_Transformer.forward with enable_fusion, 'aff_2d'),
 where one call of the reference model = the windows of one example:
   * bn0 normalises with the call's batch statistics (all its windows, padded ones included) and updates the running
@@ -539,6 +544,25 @@ class PatchEmbed(nnx.Module):
         pad = grid_w - local.shape[-2]
         return jnp.pad(local, [(0, 0)] * (local.ndim - 2) + [(0, pad), (0, 0)])
 
+    def crop_tokens(self, crops: jax.Array) -> jax.Array:
+        """The local map of distinct crops (G, n, H, W) (AF-CLAP's clips > 10 s): `mel_conv2d` per crop, the n maps
+        side by side on the time axis in crop order, zero-padded to the global grid width -> (G, H/4, grid_w, E)."""
+        conv = self.mel_conv2d(crops[..., None])  # (G, n, H/4, W/12, E)
+        g, n, gh, cw, e = conv.shape
+        grid_w = crops.shape[-1] // self.proj.kernel.shape[1]
+        local = jnp.moveaxis(conv, 1, 2).reshape(g, gh, n * cw, e)[:, :, :grid_w]
+        return jnp.pad(local, ((0, 0), (0, 0), (0, grid_w - local.shape[2]), (0, 0)))
+
+    def fused(self, image: jax.Array, crops: jax.Array, longer: jax.Array) -> jax.Array:
+        """AF-CLAP's eval-mode patch embedding: image (B, H, W) global, crops (B, 3, H, W), longer (B,) bool ->
+        tokens (B, grid^2, E). AFF(global, local) with running statistics replaces the global map where `longer`
+        (computed for every clip and selected, so shapes stay static; a clip's result does not depend on others)."""
+        tokens = self.proj(image[..., None])  # (B, gh, gw, E)
+        fused = self.fusion_model(tokens, self.crop_tokens(crops), train=False)
+        tokens = jnp.where(jnp.asarray(longer, bool)[:, None, None, None], fused, tokens)
+        b, gh, gw, e = tokens.shape
+        return self.norm(tokens.reshape(b, gh * gw, e))
+
     def __call__(self, image: jax.Array, *, fuse_index: jax.Array | None = None) -> jax.Array:
         """image (B, W, H, W') -> tokens (B, W, grid^2, E). `fuse_index` (B,): window of each call that goes through
         the fusion branch (training mode only)."""
@@ -624,12 +648,51 @@ class HTSAT(nnx.Module):
             fuse_index = jax.random.randint(keys[1], (b,), 0, w)
         h = self.patch_embed(image.astype(c.dtype), fuse_index=fuse_index).reshape(b * w, -1, c.embed_dim)
         h = sharding.constrain(h, ("act_batch", "act_length", "act_embed"))
+        h = self.encode_patches(h, key=keys[2] if train else None)
+        h = h.reshape(b, w, c.tokens_per_window, c.num_features)
+        return h[0] if single_call else h
+
+    def encode_patches(self, h: jax.Array, *, key: jax.Array | None = None) -> jax.Array:
+        """Patch tokens (N, grid^2, E) -> Swin stages -> final LayerNorm -> AF2 order (N, 64, C); `key` enables
+        drop path."""
+        c = self.config
         rates = c.drop_path_rates()
-        stage_keys = jax.random.split(keys[2], len(self.stages)) if train else [None] * len(self.stages)
+        stage_keys = jax.random.split(key, len(self.stages)) if key is not None else [None] * len(self.stages)
         start = 0
         for s, stage in enumerate(self.stages):
             depth = c.depths[s]
             h = stage(h, drop_rates=rates[start:start + depth], key=stage_keys[s])
             start += depth
-        h = self.regroup(self.norm(h)).reshape(b, w, c.tokens_per_window, c.num_features)
-        return h[0] if single_call else h
+        return self.regroup(self.norm(h))
+
+    def clip_tokens(self, mel_fusion: jax.Array, longer: jax.Array) -> jax.Array:
+        """AF-CLAP's eval forward: mel_fusion (B, 4, T<=1024, 64) (channel 0 the global mel, 1-3 the local crops),
+        longer (B,) bool -> final-norm tokens (B, 64, C) in the order `__call__` returns. AF2 never calls this."""
+        c = self.config
+        if not c.enable_fusion:
+            raise ValueError("clip_tokens needs the fusion branch (HTSATConfig.enable_fusion=True)")
+        if mel_fusion.ndim != 4 or mel_fusion.shape[1] != 4 or mel_fusion.shape[-1] != c.mel_bins \
+                or not 2 <= mel_fusion.shape[-2] <= c.target_frames:
+            raise ValueError(f"mel_fusion must be (batch, 4, frames <= {c.target_frames}, {c.mel_bins}), "
+                             f"got {mel_fusion.shape}")
+        if jnp.shape(longer) != mel_fusion.shape[:1]:
+            raise ValueError(f"longer must be ({mel_fusion.shape[0]},), got {jnp.shape(longer)}")
+        image = self.to_image(mel_fusion).astype(c.dtype)  # bn0 (running statistics) per channel, (B, 4, S, S)
+        h = self.patch_embed.fused(image[:, 0], image[:, 1:], longer)
+        h = sharding.constrain(h, ("act_batch", "act_length", "act_embed"))
+        return self.encode_patches(h)
+
+    def clipwise_output(self, tokens: jax.Array) -> jax.Array:
+        """The AudioSet head HTSAT computes beside its embedding (unused by AF2 and AF-CLAP; for parity checks):
+        tokens (N, 64, C) in AF2 order = a (freq rows, time) map; `tscam_conv` (kernel rows x 3, time padding 1),
+        mean over time, sigmoid -> (N, num_classes)."""
+        kernel, bias = self.tscam_conv["kernel"][...], self.tscam_conv["bias"][...]
+        rows, width = kernel.shape[0], kernel.shape[1]
+        n, length, ch = tokens.shape
+        x = tokens.astype(jnp.float32).reshape(n, rows, length // rows, ch)
+        x = jnp.pad(x, ((0, 0), (0, 0), (width // 2, width // 2), (0, 0)))
+        steps = length // rows
+        taps = jnp.stack([x[:, :, j:j + steps] for j in range(width)], axis=2)  # (N, rows, width, T, C)
+        logits = jnp.einsum("nrjtc,rjck->ntk", taps, kernel.astype(jnp.float32),
+                            precision=jax.lax.Precision.HIGHEST) + bias.astype(jnp.float32)
+        return jax.nn.sigmoid(logits.mean(axis=1))
