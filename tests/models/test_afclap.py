@@ -1,0 +1,349 @@
+"""AF-CLAP against the golden fixture afclap_tiny (NVIDIA's CLAP_Module in fp32): the reference state dict loaded
+into our model by key name, then every model array of the fixture from the HTSAT image to the similarity matrix."""
+from __future__ import annotations
+
+import os
+import pathlib
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from af2_jax import param_tree
+from af2_jax.models import htsat as htsat_lib
+from af2_jax.models.afclap import AFCLAPModel, afclap_preset
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+
+# fixture README, "Expected tolerances": HTSAT 1e-4 (the AFF path has a sigmoid gate: 2e-4), T5 hidden states 3e-4,
+# text_pooled 1e-4, projections / normalised features 2e-5, similarity 1e-5
+HTSAT_TOL = dict(atol=1e-4, rtol=1e-4)
+AFF_TOL = dict(atol=2e-4, rtol=1e-4)
+FEATURE_TOL = dict(atol=2e-5, rtol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def afclap_dir() -> pathlib.Path:
+    """../shared/fixtures/afclap_tiny, or $AFCLAP_FIXTURE_DIR; a missing fixture is an error, not a skip."""
+    directory = pathlib.Path(os.environ.get("AFCLAP_FIXTURE_DIR", REPO.parent / "shared" / "fixtures" / "afclap_tiny"))
+    if not (directory / "outputs.npz").is_file():
+        raise FileNotFoundError(f"AF-CLAP golden fixture not found at {directory} (set AFCLAP_FIXTURE_DIR)")
+    return directory
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the reference's state-dict names -> our parameter paths (to move into a converter module)
+
+def torch_to_ours(key: str) -> tuple[str, int | None, str] | None:
+    """A key of AF-CLAP's checkpoint state dict ('module.' prefix optional) -> (our flat path, index on the stacked
+    'layers' axis or None, layout), or None for what we recompute or alias (Swin relative_position_index and
+    attn_mask, T5's tied encoder.embed_tokens). Layouts: 'same'; 'linear' (torch (out, in) -> (in, out));
+    'conv' ((O, I, kh, kw) -> (kh, kw, I, O)); 'counter' (int64 -> int32). Unknown keys raise KeyError."""
+    k = key.removeprefix("module.")
+    bn = {"weight": "scale", "bias": "bias", "running_mean": "mean", "running_var": "var",
+          "num_batches_tracked": "num_batches_tracked"}
+    ln = {"weight": "scale", "bias": "bias"}
+    aff = {"local_att.0": "local_conv1", "local_att.1": "local_bn1", "local_att.3": "local_conv2",
+           "local_att.4": "local_bn2", "global_att.1": "global_conv1", "global_att.2": "global_bn1",
+           "global_att.4": "global_conv2", "global_att.5": "global_bn2"}
+    mlp = {"0": "fc1", "2": "fc2", "sequential.0": "fc1", "sequential.3": "fc2"}
+    t5_attn = {"q": "query", "k": "key", "v": "value", "o": "out"}
+    fixed = {
+        "logit_scale_a": ("logit_scale_a", "same"), "logit_scale_t": ("logit_scale_t", "same"),
+        "audio_branch.spectrogram_extractor.stft.conv_real.weight": ("htsat/stft_real", "same"),
+        "audio_branch.spectrogram_extractor.stft.conv_imag.weight": ("htsat/stft_imag", "same"),
+        "audio_branch.logmel_extractor.melW": ("htsat/mel_filterbank", "same"),
+        "text_branch.shared.weight": ("t5/embed_tokens", "same"),
+        "text_branch.encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight":
+            ("t5/relative_attention_bias", "same"),
+        "text_branch.encoder.final_layer_norm.weight": ("t5/final_norm/scale", "same"),
+    }
+    if k in fixed:
+        return fixed[k][0], None, fixed[k][1]
+    if k == "text_branch.encoder.embed_tokens.weight" or re.fullmatch(
+            r"audio_branch\.layers\.\d+\.blocks\.\d+\.(attn\.relative_position_index|attn_mask)", k):
+        return None
+
+    def weight_or_bias(path, leaf, layout="linear", index=None):
+        return (f"{path}/kernel", index, layout) if leaf == "weight" else (f"{path}/bias", index, "same")
+
+    if m := re.fullmatch(r"audio_branch\.(bn0|norm|patch_embed\.norm)\.(\w+)", k):
+        names = bn if m[1] == "bn0" else ln
+        return f"htsat/{m[1].replace('.', '/')}/{names[m[2]]}", None, "counter" if m[2] == "num_batches_tracked" \
+            else "same"
+    if m := re.fullmatch(r"audio_branch\.patch_embed\.(proj|mel_conv2d)\.(weight|bias)", k):
+        return weight_or_bias(f"htsat/patch_embed/{m[1]}", m[2], "conv")
+    if m := re.fullmatch(r"audio_branch\.patch_embed\.fusion_model\.(\w+_att\.\d)\.(\w+)", k):
+        ours = f"htsat/patch_embed/fusion_model/{aff[m[1]]}"
+        if "bn" in aff[m[1]]:
+            return f"{ours}/{bn[m[2]]}", None, "counter" if m[2] == "num_batches_tracked" else "same"
+        return weight_or_bias(ours, m[2], "conv")
+    if m := re.fullmatch(r"audio_branch\.(tscam_conv|head)\.(weight|bias)", k):
+        return weight_or_bias(f"htsat/{m[1]}", m[2], "conv" if m[1] == "tscam_conv" else "linear")
+    if m := re.fullmatch(r"audio_branch\.layers\.(\d+)\.blocks\.(\d+)\.(.+)\.(weight|bias)", k):
+        ours, j = f"htsat/stages/{m[1]}/blocks", int(m[2])
+        if m[3] in ("norm1", "norm2"):
+            return f"{ours}/{m[3]}/{ln[m[4]]}", j, "same"
+        sub = {"attn.qkv": "attn/qkv", "attn.proj": "attn/proj", "mlp.fc1": "fc1", "mlp.fc2": "fc2"}[m[3]]
+        return weight_or_bias(f"{ours}/{sub}", m[4], index=j)
+    if m := re.fullmatch(r"audio_branch\.layers\.(\d+)\.blocks\.(\d+)\.attn\.relative_position_bias_table", k):
+        return f"htsat/stages/{m[1]}/blocks/attn/relative_position_bias_table", int(m[2]), "same"
+    if m := re.fullmatch(r"audio_branch\.layers\.(\d+)\.downsample\.(norm|reduction)\.(weight|bias)", k):
+        ours = f"htsat/stages/{m[1]}/downsample/{m[2]}"
+        return (f"{ours}/{ln[m[3]]}", None, "same") if m[2] == "norm" else weight_or_bias(ours, m[3])
+    if m := re.fullmatch(r"text_branch\.encoder\.block\.(\d+)\.layer\.0\.SelfAttention\.([qkvo])\.weight", k):
+        return f"t5/layers/attention/{t5_attn[m[2]]}/kernel", int(m[1]), "linear"
+    if m := re.fullmatch(r"text_branch\.encoder\.block\.(\d+)\.layer\.([01])\.layer_norm\.weight", k):
+        return f"t5/layers/{'attention_norm' if m[2] == '0' else 'ff_norm'}/scale", int(m[1]), "same"
+    if m := re.fullmatch(r"text_branch\.encoder\.block\.(\d+)\.layer\.1\.DenseReluDense\.(wi_0|wi_1|wo)\.weight", k):
+        return f"t5/layers/ff/{m[2]}/kernel", int(m[1]), "linear"
+    if m := re.fullmatch(r"(audio|text)_(projection|transform)\.(\d|sequential\.\d)\.(weight|bias)", k):
+        return weight_or_bias(f"{m[1]}_{m[2]}/{mlp[m[3]]}", m[4])
+    raise KeyError(f"no rule for reference key {key!r}")
+
+
+LAYOUTS = {"same": lambda x: x, "linear": lambda x: x.T, "conv": lambda x: x.transpose(2, 3, 1, 0),
+           "counter": lambda x: x.astype(np.int32)}
+
+
+def load_reference_state(model: nnx.Module, tensors: dict[str, np.ndarray]) -> nnx.Module:
+    """Our model (abstract or concrete) filled from the reference state dict; every key and every variable must be
+    accounted for, with matching shapes."""
+    targets = param_tree.param_targets(model)
+    plain, stacked, unused = {}, {}, []
+    for key, value in tensors.items():
+        mapped = torch_to_ours(key)
+        if mapped is None:
+            unused.append(key)
+            continue
+        path, index, layout = mapped
+        array = LAYOUTS[layout](np.asarray(value))
+        if index is None:
+            assert path not in plain, f"{path} written twice"
+            plain[path] = array
+        else:
+            stacked.setdefault(path, {})[index] = array
+    for path, rows in stacked.items():
+        assert sorted(rows) == list(range(len(rows))), f"{path}: layer indices {sorted(rows)}"
+        plain[path] = np.stack([rows[i] for i in range(len(rows))])
+    assert set(plain) == set(targets), (f"missing {sorted(set(targets) - set(plain))}, "
+                                        f"unexpected {sorted(set(plain) - set(targets))}")
+    for path, (shape, dtype) in targets.items():
+        assert plain[path].shape == tuple(shape), f"{path}: {plain[path].shape} vs ours {shape}"
+        assert plain[path].dtype == dtype, f"{path}: {plain[path].dtype} vs ours {dtype}"
+    graphdef, state = nnx.split(model)
+    nnx.replace_by_pure_dict(state, param_tree.unflatten({k: jnp.asarray(v) for k, v in plain.items()}))
+    return nnx.merge(graphdef, state)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def reference(afclap_dir):
+    from safetensors.numpy import load_file
+
+    tensors = load_file(afclap_dir / "state_dict.safetensors")
+    abstract = nnx.eval_shape(lambda: AFCLAPModel(afclap_preset("tiny"), rngs=nnx.Rngs(0)))
+    return load_reference_state(abstract, tensors), tensors
+
+
+@pytest.fixture(scope="module")
+def fixture(afclap_dir):
+    return dict(np.load(afclap_dir / "inputs.npz")), dict(np.load(afclap_dir / "outputs.npz"))
+
+
+def mel_fusion_from_inputs(inputs) -> np.ndarray:
+    """The fixture's model input, rebuilt as its README says: 4 copies of `mel` for short clips, [mel, 3 crops] for
+    the longer one."""
+    mel = np.repeat(inputs["mel"][:, None], 4, axis=1)
+    for i in np.flatnonzero(inputs["longer"]):
+        mel[i, 1:] = inputs[f"mel_fusion_local_{i}"]
+    return mel
+
+
+@pytest.fixture(scope="module")
+def ours(reference, fixture):
+    """Every array of ours that the fixture records, from one jitted function."""
+    model, _ = reference
+    inputs, _ = fixture
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def run(state, mel_fusion, longer, ids, mask, all_ids, all_mask, compa_ids, compa_mask):
+        m = nnx.merge(graphdef, state)
+        h, pe = m.htsat, m.htsat.patch_embed
+        r = {}
+        image = h.to_image(mel_fusion)
+        r["htsat_image"], r["htsat_image_local"] = image[:, 0], image[:, 1:]
+        proj = pe.proj(image[:, 0, ..., None])  # (B, 64, 64, E)
+        r["htsat_patch_proj"] = proj
+        r["htsat_mel_conv2d"] = pe.mel_conv2d(image[:, 1:, ..., None])  # (B, 3, 64, 21, E)
+        r["htsat_aff_out"] = pe.fusion_model(proj, pe.crop_tokens(image[:, 1:]), train=False)
+        x = r["htsat_patch_embed"] = pe.fused(image[:, 0], image[:, 1:], longer)
+        for s, stage in enumerate(h.stages):
+            x = r[f"htsat_stage{s}"] = stage(x)
+        r["htsat_final_norm"] = h.norm(x)  # raster order, as the fixture
+        tokens = h.clip_tokens(mel_fusion, longer)
+        r["htsat_clipwise_output"] = h.clipwise_output(tokens)
+        pooled = r["htsat_embedding"] = m.audio_pooled(mel_fusion, longer)
+        r["audio_proj_hidden"] = m.audio_projection.hidden(pooled)
+        r["audio_proj_out"] = m.audio_projection(pooled)
+        r["t5_last_hidden"] = m.t5(ids, mask)
+        text = r["text_pooled"] = m.text_pooled(ids, mask)
+        r["text_proj_hidden"] = m.text_projection.hidden(text)
+        r["text_proj_out"] = m.text_projection(text)
+        out = m(mel_fusion, longer, ids, mask)
+        r.update({k: v for k, v in out.items() if not k.startswith("logit_scale")})
+        r["logit_scale_a_exp"], r["logit_scale_t_exp"] = out["logit_scale_a"], out["logit_scale_t"]
+        r["text_features_all"] = m.text_embedding(all_ids, all_mask)
+        r["compa_text_features"] = m.text_embedding(compa_ids, compa_mask)
+        r["similarity"] = m.audio_embedding(mel_fusion, longer) @ r["text_features_all"].T
+        return r
+
+    i32 = lambda name: jnp.asarray(inputs[name], jnp.int32)  # noqa: E731
+    result = run(state, jnp.asarray(mel_fusion_from_inputs(inputs)), jnp.asarray(inputs["longer"]),
+                 i32("input_ids"), i32("attention_mask"), i32("all_input_ids"), i32("all_attention_mask"),
+                 i32("compa_input_ids"), i32("compa_attention_mask"))
+    return {k: np.asarray(v) for k, v in result.items()}
+
+
+def _check(name, got, expected, tol):
+    diff = np.abs(got - expected).max()
+    print(f"{name}: max|diff| {diff:.3g} (max|ref| {np.abs(expected).max():.3g})")
+    np.testing.assert_allclose(got, expected, **tol, err_msg=name)
+
+
+def test_every_reference_key_is_accounted_for(reference, afclap_dir):
+    """The state dict converts with nothing left over; what we do not store (Swin index/masks, the tied T5
+    embedding) equals what we recompute; the manifest's one unstored alias is the tied embedding."""
+    import json
+
+    _, tensors = reference
+    manifest = [json.loads(line) for line in (afclap_dir / "state_dict_keys.json").read_text().splitlines() if line]
+    assert {e["key"] for e in manifest if e["stored"]} == set(tensors)
+    aliases = {e["key"]: e["alias_of"] for e in manifest if not e["stored"]}
+    assert aliases == {"module.text_branch.encoder.embed_tokens.weight": "module.text_branch.shared.weight"}
+    assert torch_to_ours(next(iter(aliases))) is None
+    config = afclap_preset("tiny").htsat
+    checked = 0
+    for key, value in tensors.items():
+        if torch_to_ours(key) is not None:
+            continue
+        s = int(re.search(r"layers\.(\d+)", key)[1])
+        window = config.stage_window(s)
+        expected = (htsat_lib.relative_position_index(window) if key.endswith("relative_position_index") else
+                    htsat_lib.shift_attention_mask(config.stage_resolution(s), window, config.stage_shift(s)))
+        np.testing.assert_array_equal(value, expected, err_msg=key)
+        checked += 1
+    assert checked == 18 + 8  # the 41 buffers: 5 BatchNorms x 3 (stored by us) + 18 indices + 8 shift masks
+    with pytest.raises(KeyError, match="no rule"):
+        torch_to_ours("module.audio_branch.something_new.weight")
+
+
+def test_htsat_matches_fixture(ours, fixture):
+    inputs, out = fixture
+    longer = np.flatnonzero(inputs["longer"])
+    assert list(longer) == [3]
+    _check("htsat_image", ours["htsat_image"], out["htsat_image"], HTSAT_TOL)
+    _check("htsat_image_local_3", ours["htsat_image_local"][3], out["htsat_image_local_3"], HTSAT_TOL)
+    # the reference's maps are channels-first
+    _check("htsat_patch_proj", ours["htsat_patch_proj"][longer].transpose(0, 3, 1, 2), out["htsat_patch_proj"],
+           HTSAT_TOL)
+    _check("htsat_mel_conv2d", ours["htsat_mel_conv2d"][3].transpose(0, 3, 1, 2), out["htsat_mel_conv2d"], HTSAT_TOL)
+    _check("htsat_aff_out", ours["htsat_aff_out"][longer].transpose(0, 3, 1, 2), out["htsat_aff_out"], AFF_TOL)
+    _check("htsat_patch_embed", ours["htsat_patch_embed"], out["htsat_patch_embed"], AFF_TOL)
+    for name in [f"htsat_stage{s}" for s in range(4)] + ["htsat_final_norm", "htsat_embedding",
+                                                         "htsat_clipwise_output"]:
+        _check(name, ours[name], out[name], HTSAT_TOL)
+    # the fused clip really differs from its unfused global map (the fusion path is exercised)
+    unfused = ours["htsat_patch_proj"][3]
+    assert np.abs(ours["htsat_aff_out"][3] - unfused).max() > 0.1
+
+
+def test_text_and_joint_space_match_fixture(ours, fixture):
+    _, out = fixture
+    _check("t5_last_hidden", ours["t5_last_hidden"], out["t5_last_hidden"], dict(atol=3e-4, rtol=1e-4))
+    _check("text_pooled", ours["text_pooled"], out["text_pooled"], dict(atol=1e-4, rtol=1e-4))
+    for name in ("audio_proj_hidden", "audio_proj_out", "text_proj_hidden", "text_proj_out", "audio_features",
+                 "text_features", "audio_features_mlp", "text_features_mlp", "text_features_all",
+                 "compa_text_features"):
+        _check(name, ours[name], out[name], FEATURE_TOL)
+    _check("similarity", ours["similarity"], out["similarity"], dict(atol=1e-5, rtol=1e-5))
+    for name in ("logit_scale_a_exp", "logit_scale_t_exp"):
+        _check(name, np.reshape(ours[name], (1,)), out[name], dict(atol=0, rtol=1e-6))
+    norms = np.linalg.norm(ours["audio_features"], axis=-1)
+    np.testing.assert_allclose(norms, 1.0, atol=1e-6)
+
+
+def test_raw_logit_scales_and_eval_dropout(reference, fixture):
+    model, _ = reference
+    inputs, out = fixture
+    np.testing.assert_array_equal(np.reshape(model.logit_scale_a[...], (1,)), out["logit_scale_a"])
+    np.testing.assert_array_equal(np.reshape(model.logit_scale_t[...], (1,)), out["logit_scale_t"])
+    # the transforms' dropout: off when deterministic (rngs ignored), on and seeded otherwise
+    features = jnp.asarray(out["audio_features"])
+    base = model.audio_transform(features)
+    a = model.audio_transform(features, key=jax.random.key(0))
+    b = model.audio_transform(features, key=jax.random.key(0))
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert np.abs(np.asarray(a) - np.asarray(base)).max() > 1e-3
+    with pytest.raises(ValueError, match="rngs"):
+        model(jnp.zeros((1, 4, 1001, 64)), jnp.zeros((1,), bool), jnp.asarray(inputs["input_ids"][:1], jnp.int32),
+              jnp.asarray(inputs["attention_mask"][:1], jnp.int32), deterministic=False)
+    with pytest.raises(ValueError, match="77"):
+        model.text_embedding(jnp.zeros((1, 10), jnp.int32), jnp.ones((1, 10), jnp.int32))
+
+
+def test_front_end_to_embedding_matches_filelist(reference, fixture):
+    """wav_pcm16_* -> our front end (af2_jax.audio.clap_features) -> our model = the reference's
+    get_audio_embedding_from_filelist, with the fixture's crop starts."""
+    from af2_jax.audio.clap_features import clap_audio_features, pcm16_to_float
+
+    model, _ = reference
+    inputs, out = fixture
+    feats = [clap_audio_features(pcm16_to_float(inputs[f"wav_pcm16_{i}"]), starts=(25, 180, 314) if i == 3 else None)
+             for i in range(4)]
+    mel_fusion = jnp.asarray(np.stack([f[0] for f in feats]))
+    longer = np.array([f[1] for f in feats])
+    np.testing.assert_array_equal(longer, inputs["longer"])
+    got = np.asarray(jax.jit(lambda mf, lo: model.audio_embedding(mf, lo))(mel_fusion, jnp.asarray(longer)))
+    _check("audio_embedding_filelist", got, out["audio_embedding_filelist"], dict(atol=1e-4, rtol=1e-4))
+
+
+def test_audio_half_is_af2s_htsat_and_presets():
+    """The htsat subtree has exactly AF2's parameter paths and shapes (AF2's `htsat=` init without renaming);
+    presets; every variable of the large model maps onto a mesh; the large model's size is the reference's."""
+    from af2_jax import sharding
+    from af2_jax.models.af2 import AF2Model, af2_preset
+
+    tiny = afclap_preset("tiny")
+    assert tiny.htsat == af2_preset("tiny").htsat
+    ours = param_tree.param_targets(nnx.eval_shape(lambda: AFCLAPModel(tiny, rngs=nnx.Rngs(0))))
+    af2 = param_tree.param_targets(nnx.eval_shape(lambda: AF2Model(af2_preset("tiny"), rngs=nnx.Rngs(0))))
+    assert {k: v for k, v in ours.items() if k.startswith("htsat/")} == \
+        {k: v for k, v in af2.items() if k.startswith("htsat/")}
+    curriculum = afclap_preset("tiny", htsat=dict(depths=(2, 2, 2, 2)))
+    assert curriculum.htsat.depths == (2, 2, 2, 2) and curriculum.htsat.embed_dim == 16
+    assert afclap_preset("tiny", dtype=jnp.bfloat16).t5.dtype == jnp.bfloat16
+
+    large = afclap_preset("large")
+    assert (large.joint_dim, large.text_width, large.audio_width) == (512, 1024, 2048)
+    np.testing.assert_allclose(large.logit_scale_init, 2.659260, atol=1e-6)
+    state = nnx.state(nnx.eval_shape(lambda: AFCLAPModel(large, rngs=nnx.Rngs(0))))
+    flat = param_tree.flatten(state.to_pure_dict())
+    # afclap_reference.md: 623,150,937 unique parameter tensors' elements (torchlibrosa bases and AudioSet heads
+    # included, which are Buffers here; BatchNorm statistics and counters are buffers there and not counted)
+    counted = sum(int(np.prod(v.shape)) for k, v in flat.items()
+                  if not re.search(r"/(mean|var|num_batches_tracked)$", k))
+    assert counted == 623_150_937
+    mesh = sharding.make_mesh(data=1, fsdp=4, tensor=2)
+    specs = param_tree.flatten(jax.tree.map(lambda s: s.spec, sharding.state_shardings(state, mesh)).to_pure_dict())
+    assert specs["t5/layers/attention/query/kernel"] == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
+    assert specs["text_projection/fc1/kernel"] == jax.sharding.PartitionSpec("fsdp", "tensor")
+    with pytest.raises(KeyError, match="unknown AF-CLAP preset"):
+        afclap_preset("huge")
+    with pytest.raises(ValueError, match="fusion"):
+        afclap_preset("tiny", htsat=dict(enable_fusion=False))
