@@ -347,3 +347,72 @@ def test_audio_half_is_af2s_htsat_and_presets():
         afclap_preset("huge")
     with pytest.raises(ValueError, match="fusion"):
         afclap_preset("tiny", htsat=dict(enable_fusion=False))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the text tokenizer (af2_jax.clap_tokenizer)
+
+def test_tokenizer_reproduces_fixture_ids(afclap_dir, fixture):
+    """The fixture's tokenizer.json on config.json's texts gives the stored ids and masks (incl. the 90-word text
+    truncated to 76 words + </s>)."""
+    import json
+
+    from af2_jax.clap_tokenizer import ClapTokenizer
+
+    inputs, _ = fixture
+    texts = json.loads((afclap_dir / "config.json").read_text())["texts"]
+    tok = ClapTokenizer.from_file(afclap_dir / "tokenizer.json")
+    for key, prefix in (("pairs (input_ids)", ""), ("all (all_input_ids)", "all_"),
+                        ("compa (compa_input_ids)", "compa_")):
+        ids, mask = tok(texts[key])
+        assert ids.dtype == np.int32 and mask.dtype == np.int32 and ids.shape == (len(texts[key]), 77)
+        np.testing.assert_array_equal(ids, inputs[f"{prefix}input_ids"], err_msg=key)
+        np.testing.assert_array_equal(mask, inputs[f"{prefix}attention_mask"], err_msg=key)
+    ids, mask = tok(texts["all (all_input_ids)"][-1])
+    assert mask.sum() == 77 and ids[0, -1] == tok.eos_id == 1
+
+
+def test_tokenizer_matches_transformers_call(tmp_path):
+    """A trained BPE and a WordLevel tokenizer against transformers' PreTrainedTokenizerFast called as the reference
+    calls T5Tokenizer (padding='max_length', truncation=True, max_length=77), around the truncation boundary."""
+    from transformers import PreTrainedTokenizerFast
+
+    from af2_jax.clap_tokenizer import ClapTokenizer, train_tokenizer
+
+    rng = np.random.default_rng(0)
+    words = [f"{a}{b}" for a in ("bird", "dog", "car", "rain", "bell") for b in ("", "s", "ing", "ed")]
+    corpus = [" ".join(rng.choice(words, rng.integers(3, 12))) for _ in range(200)]
+    texts = [" ".join(rng.choice(words, n)) for n in (0, 1, 5, 75, 76, 77, 78, 120)] + ["Unseen WORDS zz", "a  b"]
+    for kind, size in (("bpe", 60), ("wordlevel", 1000)):
+        ours = train_tokenizer(corpus, kind=kind, vocab_size=size)
+        assert [ours._raw.id_to_token(i) for i in range(3)] == ["<pad>", "</s>", "<unk>"]
+        file = ours.save(tmp_path / kind)
+        hf = PreTrainedTokenizerFast(tokenizer_file=str(file), pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+        expected = hf(texts, padding="max_length", truncation=True, max_length=77, return_tensors="np")
+        for tok in (ours, ClapTokenizer.from_file(tmp_path / kind)):  # also after a save / load round trip
+            ids, mask = tok(texts)
+            np.testing.assert_array_equal(ids, expected["input_ids"], err_msg=kind)
+            np.testing.assert_array_equal(mask, expected["attention_mask"], err_msg=kind)
+        assert (ids[:, -1][mask[:, -1] == 1] == 1).all()  # a truncated text still ends in </s>
+        assert train_tokenizer(corpus, kind=kind, vocab_size=size)._raw.get_vocab() == ours._raw.get_vocab()
+
+
+def test_tokenizer_errors(tmp_path):
+    import tokenizers
+
+    from af2_jax.clap_tokenizer import ClapTokenizer, ClapTokenizerError, train_tokenizer
+
+    with pytest.raises(ClapTokenizerError, match="no tokenizer.json"):
+        ClapTokenizer.from_file(tmp_path / "missing")
+    (tmp_path / "tokenizer.json").write_text("{not json")
+    with pytest.raises(ClapTokenizerError, match="not a readable"):
+        ClapTokenizer.from_file(tmp_path)
+    bare = tokenizers.Tokenizer(tokenizers.models.WordLevel({"a": 0, "</s>": 1}, unk_token="a"))
+    with pytest.raises(ClapTokenizerError, match="<pad>"):
+        ClapTokenizer(bare)
+    with pytest.raises(ValueError, match="unknown tokenizer kind"):
+        train_tokenizer(["a b"], kind="unigram")
+    tok = train_tokenizer(["a dog barks"], context_length=5)
+    ids, mask = tok(["a dog barks", "barks barks barks barks barks barks"])
+    np.testing.assert_array_equal(mask, [[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]])
+    assert tok.decode(ids[0]) == "a dog barks"
