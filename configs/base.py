@@ -11,12 +11,8 @@ from __future__ import annotations
 
 import ml_collections
 
-STAGE_TRAINABLE = {  # mirrors af2_jax.training.stages (kept literal so configs import nothing heavy)
-    1: ("audio_transformer/.*", "xattn/.*", "llm/embed_tokens/.*"),
-    2: ("audio_transformer/.*", "xattn/.*", "llm/embed_tokens/.*", "htsat/.*"),
-}
-STAGE_TRAINABLE[3] = STAGE_TRAINABLE[2]
-STAGE_WINDOWS = {1: 3, 2: 12, 3: 30}  # 10 s windows: 30 s, 2 min, 5 min
+# the one stage table: what trains and how long the audio is per stage; training reads the same one
+from af2_jax.training.stages import STAGE_TRAINABLE, STAGE_WINDOWS
 # Batches pad their audio to the smallest of these window counts that holds every clip (data/bucketing.py): one
 # compiled train step per bucket instead of one per window count.
 WINDOW_BUCKETS = (1, 2, 3, 6, 12, 18, 24, 30)

@@ -188,28 +188,32 @@ def run_generate(args: argparse.Namespace) -> list[dict]:
 
 def _train_setup(preset: str, stage: int, windows: int, *, remat: str, dtype: str, frozen_dtype: str,
                  attention: str | None = None):
-    """(model factory, trainable patterns, optimizer, schedule) as the stage configs build them, without
-    ml_collections (plain namespaces)."""
+    """(model config, model factory, trainable patterns, optimizer, schedule, frozen dtype, run config) from
+    configs/stageN.py:PRESET, what launch/train.py runs, with the benchmark's flags laid over it."""
     import dataclasses
-    import types
 
     import jax.numpy as jnp
-    from flax import nnx
 
-    from af2_jax.models.af2 import AF2Model, af2_preset
-    from af2_jax.training import optimizer, stages
+    from af2_jax.training import initialization, optimizer
+    from af2_jax.training.run_config import load_stage_config
 
-    config = af2_preset(preset, dtype=jnp.dtype(dtype), param_dtype=jnp.float32, remat_policy=remat,
-                        max_windows=windows)
+    cfg = load_stage_config(stage, preset)
+    cfg.model.compute_dtype, cfg.model.remat_policy, cfg.frozen_param_dtype = dtype, remat, frozen_dtype
+    cfg.max_windows = windows
+    config = initialization.model_config(cfg.model, max_windows=windows)
     config = dataclasses.replace(config, llm=dataclasses.replace(config.llm, attention_implementation=attention))
-    opt = types.SimpleNamespace(learning_rate=1e-4, warmup_steps=10, weight_decay=0.1, b1=0.9, b2=0.999, eps=1e-8,
-                                clip_grad_norm=1.0)
-    patterns = stages.STAGE_TRAINABLE[stage]
-    return (config, lambda: AF2Model(config, rngs=nnx.Rngs(0)), patterns,
-            optimizer.make_optimizer(opt, patterns), optimizer.learning_rate_schedule(opt), jnp.dtype(frozen_dtype))
+    patterns = tuple(cfg.trainable)
+    return (config, initialization.model_factory(config, cfg.seed), patterns,
+            optimizer.make_optimizer(cfg.optimizer, patterns, cfg.num_steps),
+            optimizer.learning_rate_schedule(cfg.optimizer, cfg.num_steps), jnp.dtype(frozen_dtype), cfg)
 
 
-def train_flops(config, stage: int, batch: int, windows: int, tokens: int) -> dict:
+def _train_htsat(cfg) -> bool:
+    """HTSAT in training mode when the stage trains it and its config says so (as the train loop decides)."""
+    return cfg.htsat_train_mode and any(p.startswith("htsat") for p in cfg.trainable)
+
+
+def train_flops(config, trainable: tuple[str, ...], batch: int, windows: int, tokens: int) -> dict:
     """Model FLOPs of one train step (no remat recomputation), per component: 2 x (multiply-adds) forward per
     weight use, x3 for trainable weights (forward, activation grad, weight grad), x2 for frozen weights with a
     trainable part before them (forward, activation grad), x1 for frozen weights with nothing trainable before them;
@@ -217,7 +221,7 @@ def train_flops(config, stage: int, batch: int, windows: int, tokens: int) -> di
     from af2_jax.training import stages
 
     h, at, llm, xa = config.htsat, config.audio_transformer, config.llm, config.xattn
-    trains = stages.PathMatcher(stages.STAGE_TRAINABLE[stage])
+    trains = stages.PathMatcher(trainable)
     htsat_trains = trains("htsat/x")
     grid = h.spec_size // h.patch_stride  # 64 x 64 patches per window
     audio = windows * h.tokens_per_window  # audio tokens per example (64 per window)
@@ -283,10 +287,10 @@ def run_train(args: argparse.Namespace) -> list[dict]:
     mesh = sharding.make_mesh(args.data, args.fsdp, args.tensor)
     results = []
     for stage in args.stages:
-        config, make_model, patterns, tx, schedule, frozen_dtype = _train_setup(
+        config, make_model, patterns, tx, schedule, frozen_dtype, cfg = _train_setup(
             args.preset, stage, args.windows, remat=args.remat, dtype=args.dtype, frozen_dtype=args.frozen_dtype,
             attention=args.attention)
-        flops = train_flops(config, stage, args.batch, args.windows, args.tokens)
+        flops = train_flops(config, patterns, args.batch, args.windows, args.tokens)
         common = dict(preset=args.preset, stage=stage, batch=args.batch, windows=args.windows, tokens=args.tokens,
                       dtype=args.dtype, frozen_dtype=args.frozen_dtype, remat=args.remat,
                       attention=args.attention or "default", mesh=dict(mesh.shape),
@@ -297,8 +301,8 @@ def run_train(args: argparse.Namespace) -> list[dict]:
             shardings = (train_state.tree_shardings(abstract_state, mesh),
                          train_state.tree_shardings(abstract_frozen, mesh))
             state, frozen = abstract_state, abstract_frozen  # jit's in_shardings place them
-            step = step_lib.jit_train_step(step_lib.make_train_step(split, tx, schedule, train_htsat=stage >= 2),
-                                           mesh, shardings)
+            step = step_lib.jit_train_step(
+                step_lib.make_train_step(split, tx, schedule, train_htsat=_train_htsat(cfg)), mesh, shardings)
             start = time.perf_counter()
             with jax.set_mesh(mesh):
                 compiled = step.lower(state, frozen, _abstract_batch(args.batch, args.windows, args.tokens,
@@ -318,8 +322,8 @@ def run_train(args: argparse.Namespace) -> list[dict]:
         else:
             split, state, frozen, shardings = train_state.create_train_state(make_model, patterns, tx, mesh,
                                                                              frozen_dtype)
-            step = step_lib.jit_train_step(step_lib.make_train_step(split, tx, schedule, train_htsat=stage >= 2),
-                                           mesh, shardings)
+            step = step_lib.jit_train_step(
+                step_lib.make_train_step(split, tx, schedule, train_htsat=_train_htsat(cfg)), mesh, shardings)
             rng = np.random.default_rng(0)
             vocab = config.llm.vocab_size
             host = {"audio": (0.3 * rng.normal(size=(1, args.batch, args.windows, 160000))).astype(np.float32),

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import importlib.util
 import os
 import pathlib
 import sys
@@ -54,15 +53,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def load_stage_config(stage: int, preset: str):
-    """configs/stageN.py's get_config(preset), loaded by path as launch/train.py's --config flag loads it."""
-    path = REPO / "configs" / f"stage{stage}.py"
-    spec = importlib.util.spec_from_file_location(f"af2_curriculum_stage{stage}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(preset)
-
-
 def parse_overrides(entries) -> dict[int, list[tuple[str, object]]]:
     """["3:max_windows=6", "all:seed=1"] -> {stage: [(dotted key, value)]}; values are Python literals or text."""
     overrides: dict[int, list] = {s: [] for s in STAGES}
@@ -94,6 +84,8 @@ def set_field(cfg, dotted: str, value) -> None:
 
 
 def stage_config(args, stage: int, overrides) -> object:
+    from af2_jax.training.run_config import load_stage_config
+
     try:
         cfg = load_stage_config(stage, args.preset)
     except ValueError as e:  # an unknown preset

@@ -22,7 +22,6 @@ written on export, so the exported key set is the reference's full `state_dict()
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 from pathlib import Path
@@ -32,82 +31,13 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from af2_jax import param_tree
-from af2_jax.convert import commands
-from af2_jax.convert.af2_torch import audio_transformer_rules, htsat_rules
-from af2_jax.convert.mapping import (IDENTITY, LINEAR, Alias, ConversionError, Rule, Tensor, Transform,
-                                     export_tensors, import_tensors)
-from af2_jax.convert.qwen2_hf import qwen2_layer_rules
+from af2_jax.convert.af2_keys import CLAP_PREFIX, EMBED_KEY, af2_rules
+from af2_jax.convert.mapping import ConversionError, export_tensors, import_tensors
 from af2_jax.convert.tensor_files import PrefixView, SafetensorsSource, TorchFileSource
-from af2_jax.models.xattn import XAttnConfig
 
-CLAP_PREFIX = "clap.nvclap."
-AUDIO_TRANSFORMER_PREFIX = "audio_transformer_clap."
-XATTN_PREFIX = "lang_encoder.model.layers.{i}.gated_cross_attn_layer_sound."
-XATTN_ALIAS_PREFIX = "lang_encoder.gated_cross_attn_layers_sound.{i}."
-DECODER_PREFIX = "lang_encoder.model.layers.{i}.decoder_layer."
-DECODER_ALIAS_PREFIX = "lang_encoder.old_decoder_blocks.{i}."
-EMBED_KEY = "lang_encoder.model.embed_tokens.weight"
-LM_HEAD_KEY = "lang_encoder.lm_head.weight"
 CLAP_CKPT_PREFIX = "module.audio_branch."  # the audio branch inside the AF-CLAP checkpoint
 METADATA_FILE = "metadata.json"
 CHUNK_BYTES = 4 << 30
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# the key table
-
-
-def _kv_transform(config: XAttnConfig) -> Transform:
-    """torch to_kv.weight (2*inner, dim_audio) holding [k | v] rows <-> our (dim_audio, 2, inner)."""
-    inner, dim_audio = config.inner_dim, config.dim_audio
-    return Transform(
-        "to_kv",
-        lambda w: np.ascontiguousarray(w.T).reshape(dim_audio, 2, inner),
-        lambda k: np.ascontiguousarray(k.reshape(dim_audio, 2 * inner).T))
-
-
-def xattn_rules(config: XAttnConfig, prefix: str, ours_prefix: str) -> list[Rule]:
-    """Rules for one gated cross-attention block (or a stack of them, when `prefix` holds a `{i}` placeholder that
-    `ours_prefix` lacks). `prefix` ends with '.', `ours_prefix` with '/' (or is empty)."""
-    p, o = prefix, ours_prefix
-    return [
-        Tensor(f"{o}attn_gate", f"{p}attn_gate", IDENTITY),
-        Tensor(f"{o}ff_gate", f"{p}ff_gate", IDENTITY),
-        Tensor(f"{o}attn_norm_scale", f"{p}attn.norm.weight", IDENTITY),
-        Tensor(f"{o}attn_norm_bias", f"{p}attn.norm.bias", IDENTITY),
-        Tensor(f"{o}to_q", f"{p}attn.to_q.weight", LINEAR),
-        Tensor(f"{o}to_kv", f"{p}attn.to_kv.weight", _kv_transform(config)),
-        Tensor(f"{o}to_out", f"{p}attn.to_out.weight", LINEAR),
-        Tensor(f"{o}ff_norm_scale", f"{p}ff.0.weight", IDENTITY),
-        Tensor(f"{o}ff_norm_bias", f"{p}ff.0.bias", IDENTITY),
-        Tensor(f"{o}ff_in", f"{p}ff.1.weight", LINEAR),
-        Tensor(f"{o}ff_out", f"{p}ff.3.weight", LINEAR),
-    ]
-
-
-def _aliases(rules: list[Rule], canonical_prefix: str, alias_prefix: str) -> list[Alias]:
-    """One alias per tensor rule under `canonical_prefix`, re-rooted at `alias_prefix`."""
-    return [Alias(alias_prefix + r.theirs[len(canonical_prefix):], same_as=r.theirs)
-            for r in rules if isinstance(r, Tensor) and r.theirs.startswith(canonical_prefix)]
-
-
-def af2_rules(config) -> list[Rule]:
-    """The whole AF2 model's table: our flat paths <-> the reference `Flamingo.state_dict()` keys."""
-    xattn = xattn_rules(config.xattn, XATTN_PREFIX, "xattn/")
-    decoder = qwen2_layer_rules("llm/layers/", DECODER_PREFIX)
-    rules: list[Rule] = [
-        *htsat_rules(config.htsat, CLAP_PREFIX, "htsat/"),
-        *audio_transformer_rules(config.audio_transformer, AUDIO_TRANSFORMER_PREFIX, "audio_transformer/"),
-        *xattn, *_aliases(xattn, XATTN_PREFIX, XATTN_ALIAS_PREFIX),
-        *decoder, *_aliases(decoder, DECODER_PREFIX, DECODER_ALIAS_PREFIX),
-        Tensor("llm/embed_tokens/embedding", EMBED_KEY, IDENTITY),
-        Tensor("llm/norm/scale", "lang_encoder.model.norm.weight", IDENTITY),
-    ]
-    if config.llm.tie_word_embeddings:
-        rules.append(Alias(LM_HEAD_KEY, same_as=EMBED_KEY, export=True))  # the reference stores it as well
-    else:
-        rules.append(Tensor("llm/lm_head/kernel", LM_HEAD_KEY, LINEAR))
-    return rules
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -298,6 +228,7 @@ def export_release(config, params: Mapping[str, Any], dst: str | Path, *, max_ch
     safe_dir = Path(dst) / "safe_ckpt"
     if safe_dir.exists() and any(safe_dir.iterdir()):
         raise FileExistsError(f"{safe_dir}: already exists and is not empty; export into an empty directory")
+    tensors = export_state_dict(config, params)  # refuses a model the reference cannot run, before writing
     safe_dir.mkdir(parents=True, exist_ok=True)
     chunks: dict[str, list[str]] = {}
     pending: dict[str, np.ndarray] = {}
@@ -311,7 +242,7 @@ def export_release(config, params: Mapping[str, Any], dst: str | Path, *, max_ch
         pending, pending_bytes = {}, 0
 
     with _progress_bar(None, f"writing {safe_dir}", progress) as bar:
-        for key, value in export_state_dict(config, params):
+        for key, value in tensors:
             value = np.array(value, order="C")  # (np.ascontiguousarray would turn a 0-d counter into shape (1,))
             if pending and pending_bytes + value.nbytes > max_chunk_bytes:
                 flush()
@@ -340,82 +271,3 @@ def import_tokenizer(tokenizer_dir: str | Path, config):
         raise ValueError(f"{tokenizer_dir}: tokenizer has {len(tokenizer)} tokens (AF2 special tokens included) but "
                          f"the checkpoint's embedding has {config.llm.vocab_size} rows")
     return tokenizer, with_token_ids(config, tokenizer)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# launch/convert.py subcommands
-
-def _add_from_torch_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--tokenizer", default=None, metavar="DIR",
-                        help="local HF tokenizer directory (tokenizer.json) of the checkpoint's LLM; stored as "
-                             "DST/tokenizer with AF2's special tokens added if absent")
-    parser.add_argument("--preset", default=None,
-                        help="AF2 preset (tiny, 0.5b, 1.5b, 3b); default: every size from the checkpoint's shapes")
-    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                        help="a config field no shape holds: llm.num_heads=16, audio_transformer.n_heads=8, "
-                             "max_windows=30 (repeatable); needed only for sizes no preset has")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
-                        help="dtype of the stored parameters (default float32, as the release)")
-
-
-def _add_to_torch_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--max-chunk-bytes", type=int, default=CHUNK_BYTES, help="largest safetensors chunk (bytes)")
-    parser.add_argument("--with-clap-ckpt", action="store_true",
-                        help="also write clap_ckpt/epoch_16.pt (the HTSAT weights as module.audio_branch.*), which "
-                             "the reference's loader opens before safe_ckpt")
-
-
-def parse_settings(entries) -> tuple[dict[str, Any], dict[str, Any]]:
-    """['llm.num_heads=4', 'max_windows=30'] -> ({'llm.num_heads': 4}, {'max_windows': 30}); values are Python
-    literals."""
-    import ast
-
-    overrides, fields = {}, {}
-    for entry in entries:
-        key, eq, text = entry.partition("=")
-        if not eq or not key:
-            raise ValueError(f"--set {entry!r}: expected FIELD=VALUE")
-        try:
-            value = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            raise ValueError(f"--set {entry!r}: {text!r} is not a number, string or tuple literal") from None
-        (overrides if "." in key else fields)[key.strip()] = value
-    return overrides, fields
-
-
-def _af2_from_torch(args: argparse.Namespace) -> None:
-    from af2_jax import pretrained
-
-    overrides, fields = parse_settings(args.set)
-    config, params, report = import_release(args.src, preset=args.preset, dtype=args.dtype, progress=args.progress,
-                                            overrides=overrides, **fields)
-    tokenizer = None
-    if args.tokenizer:
-        tokenizer, config = import_tokenizer(args.tokenizer, config)
-    pretrained.save(args.dst, config, params, tokenizer=tokenizer)
-    if tokenizer is None:
-        print(f"warning: no --tokenizer given; {args.dst} holds no tokenizer (launch/infer.py needs one)")
-    for key, value in report.items():
-        print(f"{key}: {value}")
-
-
-def _af2_to_torch(args: argparse.Namespace) -> None:
-    from af2_jax import pretrained
-    from af2_jax.models.af2 import AF2Config
-
-    config, params = pretrained.load(args.src)
-    if not isinstance(config, AF2Config):
-        raise ValueError(f"{args.src}: holds a {type(config).__name__}, not an AF2 model")
-    files = export_release(config, params, args.dst, max_chunk_bytes=args.max_chunk_bytes, progress=args.progress)
-    print(f"wrote {len(files)} chunk(s) and safe_ckpt/{METADATA_FILE}")
-    if args.with_clap_ckpt:
-        count = write_clap_checkpoint(config, params, Path(args.dst) / "clap_ckpt" / "epoch_16.pt")
-        print(f"wrote clap_ckpt/epoch_16.pt ({count} audio-branch tensors)")
-
-
-commands.register_command("af2-from-torch", _af2_from_torch, add_arguments=_add_from_torch_flags,
-                          help="NVIDIA AF2 release (dir with safe_ckpt/ [+ clap_ckpt/]) or state-dict file -> our "
-                               "pretrained format (+ tokenizer)")
-commands.register_command("af2-to-torch", _af2_to_torch, add_arguments=_add_to_torch_flags,
-                          help="our pretrained AF2 directory -> NVIDIA release layout (safe_ckpt/metadata.json + "
-                               "chunks, every reference key, aliases included)")

@@ -11,7 +11,6 @@ so there are no derived buffers.
 """
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 from typing import Any, Mapping
@@ -22,8 +21,7 @@ import numpy as np
 from flax import nnx
 
 from af2_jax import param_tree
-from af2_jax.convert import commands
-from af2_jax.convert.mapping import (IDENTITY, LINEAR, Alias, ConversionError, Rule, Tensor, export_tensors,
+from af2_jax.convert.mapping import (IDENTITY, LINEAR, Alias, Rule, Tensor, export_tensors,
                                      import_tensors)
 from af2_jax.convert.tensor_files import SafetensorsSource, ShardedSafetensorsWriter
 from af2_jax.models.qwen2 import Qwen2Config, Qwen2ForCausalLM
@@ -122,19 +120,6 @@ def import_hf(src_dir: str | Path, *, dtype: Any = None, progress: bool = True
     return config, params
 
 
-def check_params(config: Qwen2Config, params: Mapping[str, Any]) -> None:
-    """Raises ConversionError naming every missing, unexpected or mis-shaped parameter of `params`."""
-    expected = param_shapes(config)
-    problems = {
-        "missing parameters": [p for p in expected if p not in params],
-        "unexpected parameters": [p for p in params if p not in expected],
-        "mis-shaped parameters": [f"{p}: got {tuple(np.shape(v))}, expected {expected[p].shape}"
-                                  for p, v in params.items() if p in expected and np.shape(v) != expected[p].shape],
-    }
-    if any(problems.values()):
-        raise ConversionError(problems)
-
-
 def export_hf(config: Qwen2Config, flat_params: Mapping[str, Any], dst_dir: str | Path, *, dtype: Any = None,
               max_shard_bytes: int = 4 << 30, progress: bool = True) -> list[Path]:
     """Writes config.json and safetensors shards (+ index when more than one) that transformers loads.
@@ -144,7 +129,7 @@ def export_hf(config: Qwen2Config, flat_params: Mapping[str, Any], dst_dir: str 
     """
     dst_dir = Path(dst_dir)
     out_dtype = np.dtype(config.param_dtype if dtype is None else dtype)
-    check_params(config, flat_params)
+    param_tree.check_params(f"export to {dst_dir}", param_shapes(config), flat_params)
     if dst_dir.is_dir() and any(dst_dir.glob("*.safetensors")):
         raise FileExistsError(f"{dst_dir}: already holds *.safetensors files; export into an empty directory")
     writer = ShardedSafetensorsWriter(dst_dir, max_shard_bytes=max_shard_bytes, metadata={"format": "pt"})
@@ -157,40 +142,3 @@ def export_hf(config: Qwen2Config, flat_params: Mapping[str, Any], dst_dir: str 
     hf["dtype"] = out_dtype.name
     (dst_dir / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
     return files
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# launch/convert.py subcommands
-
-
-def _add_dtype_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                        help="dtype of the written weights (default: the source checkpoint's)")
-
-
-def _add_to_hf_flags(parser: argparse.ArgumentParser) -> None:
-    _add_dtype_flag(parser)
-    parser.add_argument("--max-shard-bytes", type=int, default=4 << 30, help="largest safetensors shard (bytes)")
-
-
-def _qwen2_from_hf(args: argparse.Namespace) -> None:
-    from af2_jax import pretrained
-
-    config, params = import_hf(args.src, dtype=args.dtype, progress=args.progress)
-    pretrained.save(args.dst, config, params)
-
-
-def _qwen2_to_hf(args: argparse.Namespace) -> None:
-    from af2_jax import pretrained
-
-    config, params = pretrained.load(args.src)
-    if not isinstance(config, Qwen2Config):
-        raise ValueError(f"{args.src}: holds a {type(config).__name__}, not a Qwen2 model")
-    export_hf(config, params, args.dst, dtype=args.dtype, max_shard_bytes=args.max_shard_bytes,
-              progress=args.progress)
-
-
-commands.register_command("qwen2-from-hf", _qwen2_from_hf, add_arguments=_add_dtype_flag,
-                          help="HF Qwen2/Qwen2.5 directory (config.json + safetensors) -> our pretrained format")
-commands.register_command("qwen2-to-hf", _qwen2_to_hf, add_arguments=_add_to_hf_flags,
-                          help="our pretrained Qwen2 directory -> HF directory that transformers loads")

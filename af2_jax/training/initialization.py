@@ -41,8 +41,8 @@ def model_config(model_cfg: Any, *, max_windows: int, tokenizer: Any = None):
     config = af2_preset(model_cfg.preset, dtype=DTYPES[model_cfg.compute_dtype], param_dtype=jnp.float32,
                         remat_policy=model_cfg.remat_policy, scan_unroll=model_cfg.scan_unroll,
                         max_windows=max_windows,
-                        audio_time_embedding=bool(model_cfg.get("audio_time_embedding", False)))
-    depths = tuple(model_cfg.get("htsat_depths", ()) or ())
+                        audio_time_embedding=bool(model_cfg.audio_time_embedding))
+    depths = tuple(model_cfg.htsat_depths)
     if depths:  # a shallower HTSAT of the same widths (tests, CPU runs); still 64 tokens per window
         config = dataclasses.replace(config, htsat=dataclasses.replace(config.htsat, depths=depths))
     if tokenizer is None:

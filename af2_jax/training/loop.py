@@ -98,7 +98,7 @@ def default_iterator(cfg: Any, tokenizer: Any, rows_per_process: int) -> Iterato
     return make_iterator(cfg.data, tokenizer, seed=cfg.seed, batch_size=rows_per_process,
                          max_windows=cfg.max_windows, max_tokens=cfg.max_tokens,
                          process_index=jax.process_index(), process_count=jax.process_count(),
-                         num_workers=cfg.num_workers, window_buckets=tuple(cfg.get("window_buckets", ())))
+                         num_workers=cfg.num_workers, window_buckets=tuple(cfg.window_buckets))
 
 
 def train(cfg: Any, workdir: str | pathlib.Path, *, make_iterator: Callable[..., Iterator[dict]] | None = None,
@@ -141,16 +141,16 @@ def train(cfg: Any, workdir: str | pathlib.Path, *, make_iterator: Callable[...,
     if restored is not None:
         state, start_step = restored
         logging.info("resumed from checkpoint %d in %s", start_step, checkpointer.directory)
-    elif cfg.model.get("calibrate_input_norm", False) and input_norm.BN0_MEAN not in (init_params or {}):
+    elif cfg.model.calibrate_input_norm and input_norm.BN0_MEAN not in (init_params or {}):
         state["batch_stats"] = _calibrate_input_norm(cfg, tokenizer, rows_per_step // jax.process_count(),
                                                       state["batch_stats"], make_iterator)
-    if cfg.model.get("calibrate_feature_norm", 0.0) and feature_norm.NORM_SCALE not in (init_params or {}):
+    if cfg.model.calibrate_feature_norm and feature_norm.NORM_SCALE not in (init_params or {}):
         frozen = _calibrate_feature_norm(cfg, tokenizer, rows_per_step // jax.process_count(), mesh, split, state,
                                          frozen, make_iterator, workdir, resumed=restored is not None)
 
     step_fn = step_lib.jit_train_step(step_lib.make_train_step(
         split, tx, optimizer.learning_rate_schedule(cfg.optimizer, cfg.num_steps),
-        train_htsat=cfg.get("htsat_train_mode", True) and any(p.startswith("htsat") for p in patterns),
+        train_htsat=cfg.htsat_train_mode and any(p.startswith("htsat") for p in patterns),
         deterministic=cfg.deterministic, seed=cfg.seed),
         mesh, shardings)
 

@@ -15,7 +15,7 @@ from af2_jax.training import stages
 def learning_rate_schedule(cfg: Any, num_steps: int | None = None) -> optax.Schedule:
     """Linear warmup from 0 to `cfg.learning_rate` over `cfg.warmup_steps`, then `cfg.schedule`: 'constant' (the
     default: the reference's `lr_scheduler: constant` with `warmup_steps`) or 'cosine', down to 0 at `num_steps`."""
-    kind = getattr(cfg, "schedule", "constant") or "constant"
+    kind = cfg.schedule
     warmup = max(int(cfg.warmup_steps), 0)
     if kind == "constant":
         after = optax.constant_schedule(cfg.learning_rate)
@@ -59,7 +59,7 @@ def make_optimizer(cfg: Any, trainable_patterns: Sequence[str], num_steps: int |
         optax.clip_by_global_norm(cfg.clip_grad_norm) if cfg.clip_grad_norm > 0 else optax.identity(),
         optax.adamw(learning_rate_schedule(cfg, num_steps), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
                     weight_decay=cfg.weight_decay),
-        learning_rate_multipliers(getattr(cfg, "learning_rate_multipliers", ()) or ()),
+        learning_rate_multipliers(cfg.learning_rate_multipliers),
     )
     return optax.multi_transform({stages.TRAIN: train, stages.FROZEN: optax.set_to_zero()},
                                  stages.param_labels(trainable_patterns))

@@ -6,14 +6,26 @@ loop logs at the start instead of the whole config (which stays in `<workdir>/ru
 """
 from __future__ import annotations
 
+import importlib.util
+import pathlib
 from typing import Any
 
+CONFIGS_DIR = pathlib.Path(__file__).resolve().parents[2] / "configs"
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 SCHEDULES = ("constant", "cosine")
 
 
 class ConfigError(ValueError):
     """A run config field that cannot work; the message names it."""
+
+
+def load_stage_config(stage: int, preset: str = "tiny"):
+    """configs/stageN.py's get_config(preset), loaded by path as launch/train.py's --config flag loads it."""
+    path = CONFIGS_DIR / f"stage{stage}.py"
+    spec = importlib.util.spec_from_file_location(f"af2_configs_stage{stage}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(preset)
 
 
 def _get(cfg: Any, dotted: str) -> Any:
@@ -44,7 +56,7 @@ def validate(cfg: Any) -> None:
     _at_least(cfg, "optimizer.warmup_steps", 0)
     _at_least(cfg, "optimizer.weight_decay", 0)
     _at_least(cfg, "optimizer.learning_rate", 0)  # 0 is allowed: frozen runs check chaining and exports
-    if (cfg.optimizer.get("schedule") or "constant") not in SCHEDULES:
+    if _get(cfg, "optimizer.schedule") not in SCHEDULES:
         raise ConfigError(f"config: optimizer.schedule must be one of {SCHEDULES}, got {cfg.optimizer.schedule!r}")
     if _get(cfg, "model.preset") not in AF2_PRESETS:
         raise ConfigError(f"config: model.preset must be one of {sorted(AF2_PRESETS)}, got {cfg.model.preset!r}")
@@ -55,7 +67,7 @@ def validate(cfg: Any) -> None:
     if any(not isinstance(s, int) or (s < 1 and s != -1) for s in sizes) or sizes.count(-1) > 1:
         raise ConfigError(f"config: mesh sizes (data, fsdp, tensor) must be >= 1, one of them may be -1 (all "
                           f"remaining devices); got {tuple(sizes)}")
-    buckets = tuple(cfg.get("window_buckets", ()) or ())
+    buckets = tuple(_get(cfg, "window_buckets"))
     if any(not isinstance(b, int) or b < 1 for b in buckets):
         raise ConfigError(f"config: window_buckets must be positive window counts, got {buckets}")
     if not tuple(_get(cfg, "trainable")):
@@ -84,13 +96,13 @@ def _describe_sources(data: Any) -> str:
 
 def header(cfg: Any, workdir: Any) -> list[str]:
     """What this run is: a few lines for the console (the full config is in the workdir's run_config.json)."""
-    stage = cfg.get("stage", "?")
+    stage = cfg.stage
     init = cfg.init_from or "random weights (no init_from)"
     lines = [
         f"AF2 stage {stage}, preset {cfg.model.preset} -> {workdir}",
         f"  steps {cfg.num_steps}, {cfg.batch_size} rows x {cfg.grad_accum_steps} accumulation, up to "
         f"{cfg.max_windows} x 10 s windows, {cfg.max_tokens} tokens, lr {cfg.optimizer.learning_rate:g} "
-        f"({cfg.optimizer.get('schedule') or 'constant'})",
+        f"({cfg.optimizer.schedule})",
         f"  starts from: {init}",
         f"  trains: {', '.join(cfg.trainable)}",
         f"  data: {_describe_sources(cfg.data)}",

@@ -23,6 +23,8 @@ STAGE1 = ("audio_transformer/.*", "xattn/.*", "llm/embed_tokens/.*")
 # Stages 2 and 3 (fine-tuning, long audio): the same plus the HTSAT encoder (clap_config.finetune: true).
 STAGE2 = STAGE1 + ("htsat/.*",)
 STAGE_TRAINABLE: dict[int, tuple[str, ...]] = {1: STAGE1, 2: STAGE2, 3: STAGE2}
+# 10 s windows per example: 30 s, 2 min (the paper: 1.5-2 min), 5 min
+STAGE_WINDOWS: dict[int, int] = {1: 3, 2: 12, 3: 30}
 
 
 class PathMatcher:

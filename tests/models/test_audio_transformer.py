@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from af2_jax import param_tree
-from af2_jax.convert import af2_torch
+from af2_jax.convert import af2_keys
 from af2_jax.param_tree import unflatten
 from af2_jax.convert.mapping import import_tensors
 from af2_jax.convert.tensor_files import PrefixView, SafetensorsSource
@@ -32,8 +32,8 @@ def _load(fixture_dir, make, rules, prefix):
 def reference_modules(fixture_dir):
     at_config, htsat_config = audio_transformer_preset("tiny"), htsat_preset("tiny")
     at = _load(fixture_dir, lambda: AudioTransformer(at_config, rngs=nnx.Rngs(0)),
-               af2_torch.audio_transformer_rules(at_config), "audio_transformer_clap.")
-    htsat = _load(fixture_dir, lambda: HTSAT(htsat_config, rngs=nnx.Rngs(0)), af2_torch.htsat_rules(htsat_config),
+               af2_keys.audio_transformer_rules(at_config), "audio_transformer_clap.")
+    htsat = _load(fixture_dir, lambda: HTSAT(htsat_config, rngs=nnx.Rngs(0)), af2_keys.htsat_rules(htsat_config),
                   "clap.nvclap.")
     return htsat, at
 

@@ -8,7 +8,7 @@ import torch
 from flax import nnx
 
 from af2_jax import param_tree
-from af2_jax.convert import af2_torch
+from af2_jax.convert import af2_keys
 from af2_jax.param_tree import flatten, unflatten
 from af2_jax.convert.mapping import import_tensors
 from af2_jax.convert.tensor_files import PrefixView, SafetensorsSource
@@ -23,7 +23,7 @@ def load_reference_htsat(fixture_dir, **overrides) -> HTSAT:
     config = htsat_preset("tiny", **overrides)
     abstract = nnx.eval_shape(lambda: HTSAT(config, rngs=nnx.Rngs(0)))
     source = PrefixView(SafetensorsSource([fixture_dir / "state_dict.safetensors"]), "clap.nvclap.")
-    arrays = import_tensors(af2_torch.htsat_rules(config), source, param_tree.param_targets(abstract))
+    arrays = import_tensors(af2_keys.htsat_rules(config), source, param_tree.param_targets(abstract))
     graphdef, state = nnx.split(abstract)
     nnx.replace_by_pure_dict(state, unflatten({k: jnp.asarray(v) for k, v in arrays.items()}))
     return nnx.merge(graphdef, state)

@@ -46,7 +46,8 @@ def test_bf16_logits_are_scored_in_fp32():
 
 
 def _opt_config(**kw):
-    base = dict(learning_rate=1e-2, warmup_steps=4, weight_decay=0.1, b1=0.9, b2=0.999, eps=1e-8, clip_grad_norm=1.0)
+    base = dict(learning_rate=1e-2, warmup_steps=4, weight_decay=0.1, b1=0.9, b2=0.999, eps=1e-8, clip_grad_norm=1.0,
+                schedule="constant", learning_rate_multipliers=())
     base.update(kw)
     return ml_collections.ConfigDict(base)
 

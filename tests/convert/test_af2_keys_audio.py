@@ -7,7 +7,7 @@ import torch
 from flax import nnx
 
 from af2_jax import param_tree
-from af2_jax.convert import af2_torch
+from af2_jax.convert import af2_keys
 from af2_jax.convert.mapping import ConversionError, export_tensors, import_tensors
 from af2_jax.convert.tensor_files import SafetensorsSource, TorchFileSource
 from af2_jax.models.audio_transformer import AudioTransformer, audio_transformer_preset
@@ -39,8 +39,8 @@ def reference(fixture_dir):
 
 def _tables(ours_prefix=("", "")):
     htsat_config, at_config = htsat_preset("tiny"), audio_transformer_preset("tiny")
-    rules = (af2_torch.htsat_rules(htsat_config, ours_prefix=ours_prefix[0])
-             + af2_torch.audio_transformer_rules(at_config, ours_prefix=ours_prefix[1]))
+    rules = (af2_keys.htsat_rules(htsat_config, ours_prefix=ours_prefix[0])
+             + af2_keys.audio_transformer_rules(at_config, ours_prefix=ours_prefix[1]))
     targets = {}
     for prefix, make in zip(ours_prefix, (lambda: HTSAT(htsat_config, rngs=nnx.Rngs(0)),
                                           lambda: AudioTransformer(at_config, rngs=nnx.Rngs(0)))):
@@ -61,7 +61,7 @@ def test_round_trip_is_bit_exact(reference):
         assert value.dtype == np.dtype(entry["dtype"]) and list(value.shape) == entry["shape"], key
         np.testing.assert_array_equal(value, tensors[key], err_msg=key)
     # the recomputed buffers came from the table, not from the input
-    derived = af2_torch.htsat_structural_buffers(htsat_preset("tiny"))
+    derived = af2_keys.htsat_structural_buffers(htsat_preset("tiny"))
     assert sum(k.endswith("attn_mask") for k in derived) == 8  # odd blocks of stages 0-2 (1 + 1 + 6)
     assert {k for k in exported if k.endswith(("relative_position_index", "attn_mask", "inv_freq"))} == (
         set(derived) | {AT_PREFIX + "position_enc.inv_freq"})
@@ -111,9 +111,9 @@ def test_af_clap_checkpoint_form(reference, tmp_path):
     torch.save({"epoch": 16, "state_dict": state}, tmp_path / "epoch_16.pt")
     config = htsat_preset("tiny")
     targets = param_tree.param_targets(nnx.eval_shape(lambda: HTSAT(config, rngs=nnx.Rngs(0))))
-    from_pt = import_tensors(af2_torch.htsat_rules(config, prefix=""),
+    from_pt = import_tensors(af2_keys.htsat_rules(config, prefix=""),
                              TorchFileSource(tmp_path / "epoch_16.pt", select_prefix="module.audio_branch."), targets)
-    from_safetensors = import_tensors(af2_torch.htsat_rules(config),
+    from_safetensors = import_tensors(af2_keys.htsat_rules(config),
                                       DictSource({k: v for k, v in tensors.items() if k.startswith(HTSAT_PREFIX)}),
                                       targets)
     assert set(from_pt) == set(from_safetensors)
@@ -124,8 +124,8 @@ def test_af_clap_checkpoint_form(reference, tmp_path):
 def test_large_tables_cover_the_reference_key_counts():
     """af2_reference.md section 7: HTSAT-large has 317 keys under clap.nvclap., the audio transformer 39."""
     for rules, make, expected in [
-        (af2_torch.htsat_rules(htsat_preset("large")), lambda: HTSAT(htsat_preset("large"), rngs=nnx.Rngs(0)), 317),
-        (af2_torch.audio_transformer_rules(audio_transformer_preset("large")),
+        (af2_keys.htsat_rules(htsat_preset("large")), lambda: HTSAT(htsat_preset("large"), rngs=nnx.Rngs(0)), 317),
+        (af2_keys.audio_transformer_rules(audio_transformer_preset("large")),
          lambda: AudioTransformer(audio_transformer_preset("large"), rngs=nnx.Rngs(0)), 39)]:
         targets = param_tree.param_targets(nnx.eval_shape(make))
         zeros = {p: np.broadcast_to(np.zeros((), dtype), shape) for p, (shape, dtype) in targets.items()}

@@ -1,4 +1,5 @@
-"""Key tables between NVIDIA's AF2 PyTorch state-dict names and our audio modules (HTSAT, audio transformer).
+"""The key table of NVIDIA's AF2 PyTorch state dict (`Flamingo.state_dict()`, the release's safetensors, the
+AF-CLAP checkpoint's audio branch) <-> our parameter paths: one place for the whole format.
 
 Composable builders, one per component, used in both directions by `mapping.import_tensors` / `export_tensors`:
 
@@ -6,6 +7,8 @@ Composable builders, one per component, used in both directions by `mapping.impo
     htsat_rules(config, prefix='')  + TorchFileSource(ckpt, select_prefix='module.audio_branch.')
                                                                             AF-CLAP checkpoint clap_ckpt/epoch_16.pt
     audio_transformer_rules(config, prefix='audio_transformer_clap.', ours_prefix='')
+    xattn_rules(config, prefix, ours_prefix)                                one gated cross-attention block
+    af2_rules(config)                                                       the whole AF2 model, aliases included
 
 `ours_prefix` mounts our side under a submodule path (e.g. 'htsat/' inside the AF2 model). The reference's
 structural buffers (Swin `relative_position_index`, shifted-window `attn_mask`, RoPE `position_enc.inv_freq`) are
@@ -13,13 +16,23 @@ structural buffers (Swin `relative_position_index`, shifted-window `attn_mask`, 
 """
 from __future__ import annotations
 
-
 import numpy as np
 
-from af2_jax.convert.mapping import CONV2D, IDENTITY, LINEAR, Derived, Rule, Tensor, Transform
+from af2_jax.convert.mapping import CONV2D, IDENTITY, LINEAR, Alias, Derived, Rule, Tensor, Transform
+from af2_jax.convert.qwen2_hf import qwen2_layer_rules
 from af2_jax.models import rope
 from af2_jax.models.audio_transformer import AudioTransformerConfig
 from af2_jax.models.htsat import HTSATConfig, relative_position_index, shift_attention_mask
+from af2_jax.models.xattn import XAttnConfig
+
+CLAP_PREFIX = "clap.nvclap."
+AUDIO_TRANSFORMER_PREFIX = "audio_transformer_clap."
+XATTN_PREFIX = "lang_encoder.model.layers.{i}.gated_cross_attn_layer_sound."
+XATTN_ALIAS_PREFIX = "lang_encoder.gated_cross_attn_layers_sound.{i}."
+DECODER_PREFIX = "lang_encoder.model.layers.{i}.decoder_layer."
+DECODER_ALIAS_PREFIX = "lang_encoder.old_decoder_blocks.{i}."
+EMBED_KEY = "lang_encoder.model.embed_tokens.weight"
+LM_HEAD_KEY = "lang_encoder.lm_head.weight"
 
 # torch BatchNorm's num_batches_tracked is int64; without jax x64 we hold it as int32 (far from overflowing).
 INT_COUNTER = Transform("int64<->int32", lambda x: np.asarray(x).astype(np.int32),
@@ -114,4 +127,59 @@ def audio_transformer_rules(config: AudioTransformerConfig, prefix: str = "audio
     rules += _dense(f"{ol}/ffn/w1", f"{tl}.pos_ffn.w_1") + _dense(f"{ol}/ffn/w2", f"{tl}.pos_ffn.w_2")
     rules += _layer_norm(f"{ol}/ffn_norm", f"{tl}.pos_ffn.layer_norm")
     rules.append(Derived(lambda: {f"{p}position_enc.inv_freq": audio_transformer_inv_freq(config)}))
+    return rules
+
+
+# -- the gated cross-attention and the whole model ----------------------------------------------------------
+
+def _kv_transform(config: XAttnConfig) -> Transform:
+    """torch to_kv.weight (2*inner, dim_audio) holding [k | v] rows <-> our (dim_audio, 2, inner)."""
+    inner, dim_audio = config.inner_dim, config.dim_audio
+    return Transform(
+        "to_kv",
+        lambda w: np.ascontiguousarray(w.T).reshape(dim_audio, 2, inner),
+        lambda k: np.ascontiguousarray(k.reshape(dim_audio, 2 * inner).T))
+
+
+def xattn_rules(config: XAttnConfig, prefix: str, ours_prefix: str) -> list[Rule]:
+    """Rules for one gated cross-attention block (or a stack of them, when `prefix` holds a `{i}` placeholder that
+    `ours_prefix` lacks). `prefix` ends with '.', `ours_prefix` with '/' (or is empty)."""
+    p, o = prefix, ours_prefix
+    return [
+        Tensor(f"{o}attn_gate", f"{p}attn_gate", IDENTITY),
+        Tensor(f"{o}ff_gate", f"{p}ff_gate", IDENTITY),
+        Tensor(f"{o}attn_norm_scale", f"{p}attn.norm.weight", IDENTITY),
+        Tensor(f"{o}attn_norm_bias", f"{p}attn.norm.bias", IDENTITY),
+        Tensor(f"{o}to_q", f"{p}attn.to_q.weight", LINEAR),
+        Tensor(f"{o}to_kv", f"{p}attn.to_kv.weight", _kv_transform(config)),
+        Tensor(f"{o}to_out", f"{p}attn.to_out.weight", LINEAR),
+        Tensor(f"{o}ff_norm_scale", f"{p}ff.0.weight", IDENTITY),
+        Tensor(f"{o}ff_norm_bias", f"{p}ff.0.bias", IDENTITY),
+        Tensor(f"{o}ff_in", f"{p}ff.1.weight", LINEAR),
+        Tensor(f"{o}ff_out", f"{p}ff.3.weight", LINEAR),
+    ]
+
+
+def _aliases(rules: list[Rule], canonical_prefix: str, alias_prefix: str) -> list[Alias]:
+    """One alias per tensor rule under `canonical_prefix`, re-rooted at `alias_prefix`."""
+    return [Alias(alias_prefix + r.theirs[len(canonical_prefix):], same_as=r.theirs)
+            for r in rules if isinstance(r, Tensor) and r.theirs.startswith(canonical_prefix)]
+
+
+def af2_rules(config) -> list[Rule]:
+    """The whole AF2 model's table: our flat paths <-> the reference `Flamingo.state_dict()` keys."""
+    xattn = xattn_rules(config.xattn, XATTN_PREFIX, "xattn/")
+    decoder = qwen2_layer_rules("llm/layers/", DECODER_PREFIX)
+    rules: list[Rule] = [
+        *htsat_rules(config.htsat, CLAP_PREFIX, "htsat/"),
+        *audio_transformer_rules(config.audio_transformer, AUDIO_TRANSFORMER_PREFIX, "audio_transformer/"),
+        *xattn, *_aliases(xattn, XATTN_PREFIX, XATTN_ALIAS_PREFIX),
+        *decoder, *_aliases(decoder, DECODER_PREFIX, DECODER_ALIAS_PREFIX),
+        Tensor("llm/embed_tokens/embedding", EMBED_KEY, IDENTITY),
+        Tensor("llm/norm/scale", "lang_encoder.model.norm.weight", IDENTITY),
+    ]
+    if config.llm.tie_word_embeddings:
+        rules.append(Alias(LM_HEAD_KEY, same_as=EMBED_KEY, export=True))  # the reference stores it as well
+    else:
+        rules.append(Tensor("llm/lm_head/kernel", LM_HEAD_KEY, LINEAR))
     return rules
