@@ -65,6 +65,7 @@ class ModelKind:
 MODEL_KINDS: dict[str, ModelKind] = {
     "qwen2": ModelKind("af2_jax.models.qwen2", "Qwen2Config", "Qwen2ForCausalLM"),
     "af2": ModelKind("af2_jax.models.af2", "AF2Config", "AF2Model"),
+    "afclap": ModelKind("af2_jax.models.afclap", "AFCLAPConfig", "AFCLAPModel"),
 }
 
 

@@ -3,7 +3,6 @@ fixture's WAV files) and the bilinear antialiased resize against torch.nn.functi
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 
 import numpy as np
@@ -20,12 +19,8 @@ DB_TOL = dict(atol=2e-3, rtol=0)
 
 
 @pytest.fixture(scope="module")
-def afclap_dir() -> pathlib.Path:
-    """../shared/fixtures/afclap_tiny, or $AFCLAP_FIXTURE_DIR; a missing fixture is an error, not a skip."""
-    directory = pathlib.Path(os.environ.get("AFCLAP_FIXTURE_DIR", REPO.parent / "shared" / "fixtures" / "afclap_tiny"))
-    if not (directory / "outputs.npz").is_file():
-        raise FileNotFoundError(f"AF-CLAP golden fixture not found at {directory} (set AFCLAP_FIXTURE_DIR)")
-    return directory
+def afclap_dir(afclap_fixture_dir) -> pathlib.Path:
+    return afclap_fixture_dir  # tests/conftest.py: ../shared/fixtures/afclap_tiny or $AF2_JAX_FIXTURES
 
 
 @pytest.fixture(scope="module")

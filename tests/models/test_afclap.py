@@ -2,7 +2,6 @@
 into our model by key name, then every model array of the fixture from the HTSAT image to the similarity matrix."""
 from __future__ import annotations
 
-import os
 import pathlib
 import re
 
@@ -26,12 +25,8 @@ FEATURE_TOL = dict(atol=2e-5, rtol=1e-4)
 
 
 @pytest.fixture(scope="module")
-def afclap_dir() -> pathlib.Path:
-    """../shared/fixtures/afclap_tiny, or $AFCLAP_FIXTURE_DIR; a missing fixture is an error, not a skip."""
-    directory = pathlib.Path(os.environ.get("AFCLAP_FIXTURE_DIR", REPO.parent / "shared" / "fixtures" / "afclap_tiny"))
-    if not (directory / "outputs.npz").is_file():
-        raise FileNotFoundError(f"AF-CLAP golden fixture not found at {directory} (set AFCLAP_FIXTURE_DIR)")
-    return directory
+def afclap_dir(afclap_fixture_dir) -> pathlib.Path:
+    return afclap_fixture_dir  # tests/conftest.py: ../shared/fixtures/afclap_tiny or $AF2_JAX_FIXTURES
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -2,7 +2,6 @@
 the AF-CLAP golden fixture (NVIDIA's code running transformers' T5 in fp32)."""
 from __future__ import annotations
 
-import os
 import pathlib
 
 import jax
@@ -18,12 +17,8 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def afclap_dir() -> pathlib.Path:
-    """../shared/fixtures/afclap_tiny, or $AFCLAP_FIXTURE_DIR; a missing fixture is an error, not a skip."""
-    directory = pathlib.Path(os.environ.get("AFCLAP_FIXTURE_DIR", REPO.parent / "shared" / "fixtures" / "afclap_tiny"))
-    if not (directory / "outputs.npz").is_file():
-        raise FileNotFoundError(f"AF-CLAP golden fixture not found at {directory} (set AFCLAP_FIXTURE_DIR)")
-    return directory
+def afclap_dir(afclap_fixture_dir) -> pathlib.Path:
+    return afclap_fixture_dir  # tests/conftest.py: ../shared/fixtures/afclap_tiny or $AF2_JAX_FIXTURES
 
 
 def make_hf_t5(seed: int, **fields):
