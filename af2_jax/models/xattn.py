@@ -3,9 +3,12 @@
     h <- h + tanh(attn_gate) * XAttn(h, audio)    XAttn = LN(h) -> q; audio -> [k | v]; softmax(q k^T / 8) v -> out
     h <- h + tanh(ff_gate)   * FF(h)                  FF = LN -> Linear(4 dim) -> GELU(erf) -> Linear(dim)
 
-Every text token attends to every valid audio token of its own sample (no causal or media-location mask), as in
-NVIDIA's `inference_HF_pretrained` code. Gates start at 0, so a fresh block is the identity. The audio keys and
-values depend only on the audio, so `audio_kv` computes them once per prompt and generation reuses them per step.
+By default every text token attends to every valid audio token of its own sample (no causal or media-location
+mask), as in NVIDIA's `inference_HF_pretrained` code. Optionally (`visible_slots`, several audios per prompt) the
+media-location mask of Audio Flamingo 1 applies as well: the audio tokens are laid out slot-major in slots of
+`slot_size` tokens, and text position t sees the slots k < visible_slots[t] = max(#<audio> tokens at or before t, 1)
+(docs/MULTI_AUDIO.md). Gates start at 0, so a fresh block is the identity. The audio keys and values depend only on
+the audio, so `audio_kv` computes them once per prompt and generation reuses them per step.
 """
 from __future__ import annotations
 
@@ -38,6 +41,51 @@ class XAttnConfig:
 
 def _param(init, key, shape, param_dtype, axes) -> nnx.Param:
     return nnx.Param(init(key, shape, param_dtype), out_sharding=axes)
+
+
+# The reference fills masked logits with -FLT_MAX (not -inf) and subtracts the row max: a row whose every allowed
+# key is masked then gets a uniform softmax over ALL keys instead of NaN. AF1 trained with that; we keep it.
+MASKED_LOGIT = -float(jnp.finfo(jnp.float32).max)
+
+
+def visible_slots(input_ids: jax.Array, audio_token_id: int, seen: jax.Array | None = None) -> jax.Array:
+    """(B, T) int32: how many audio slots each text position may see, max(c(t), 1) with c(t) the number of
+    `<audio>` tokens at positions <= t (plus `seen` (B,), those of earlier chunks: the cached prompt). Text before
+    the first `<audio>` sees the first audio, as in AF1; a row without any `<audio>` sees slot 0 (AF1 crashes)."""
+    count = jnp.cumsum((input_ids == audio_token_id).astype(jnp.int32), axis=-1)
+    if seen is not None:
+        count = count + seen.astype(jnp.int32)[:, None]
+    return jnp.maximum(count, 1)
+
+
+def allowed_keys(media_mask: jax.Array, visible: jax.Array | None = None, slot_size: int | None = None
+                 ) -> jax.Array:
+    """Which keys a query may attend: (B, 1, S) from the key mask alone, or (B, T, S) with the media-location
+    mask (key j lies in slot j // slot_size; query t sees the slots < visible[t])."""
+    valid = media_mask.astype(bool)[:, None, :]
+    if visible is None:
+        return valid
+    if slot_size is None or slot_size < 1:
+        raise ValueError(f"allowed_keys: visible slots need a positive slot_size, got {slot_size}")
+    key_slot = jnp.arange(media_mask.shape[-1], dtype=jnp.int32) // slot_size
+    return valid & (key_slot[None, None, :] < visible[:, :, None])
+
+
+def attention_logits(q: jax.Array, k: jax.Array) -> jax.Array:
+    """q (B, T, H, D) already scaled, k (B, S, H, D) -> logits (B, H, T, S) fp32."""
+    return jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32)
+
+
+def attention_probs(q: jax.Array, k: jax.Array, allowed: jax.Array) -> jax.Array:
+    """Softmax over keys (B, H, T, S) fp32 with disallowed logits at -FLT_MAX; `allowed` (B, T or 1, S)."""
+    sim = jnp.where(allowed[:, None], attention_logits(q, k), MASKED_LOGIT)
+    return jax.nn.softmax(sim, axis=-1)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array, dtype) -> jax.Array:
+    """The whole attention math, in one place (so that it can be routed through `jax.nn.dot_product_attention`,
+    which takes the same (B, H, T, S)-broadcastable boolean mask): (B, T, H, D) out."""
+    return jnp.einsum("bhts,bshd->bthd", attention_probs(q, k, allowed).astype(dtype), v)
 
 
 class GatedCrossAttentionBlock(nnx.Module):
@@ -77,20 +125,20 @@ class GatedCrossAttentionBlock(nnx.Module):
         kv = kv.reshape(*kv.shape[:3], c.heads, c.dim_head)  # heads are the outer factor of (h d)
         return kv[:, :, 0], kv[:, :, 1]
 
-    def attend(self, h: jax.Array, k: jax.Array, v: jax.Array, media_mask: jax.Array) -> jax.Array:
-        """Cross-attention output before its gate: h (B, T, dim), k/v (B, S, heads, dim_head), media_mask (B, S)."""
+    def queries(self, h: jax.Array) -> jax.Array:
+        """h (B, T, dim) -> scaled queries (B, T, heads, dim_head)."""
         c = self.config
         x = layer_norm(h, self.attn_norm_scale[...], self.attn_norm_bias[...], c.eps).astype(c.dtype)
         q = (x @ self.to_q[...].astype(c.dtype)).reshape(*x.shape[:2], c.heads, c.dim_head)
-        q = q * jnp.asarray(c.dim_head ** -0.5, c.dtype)
-        sim = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32)
-        # The reference fills masked keys with -FLT_MAX and subtracts the row max, so a sample without any valid
-        # audio attends uniformly to all audio tokens (rather than producing NaN); jnp.where + softmax does the same.
-        valid = media_mask.astype(bool)[:, None, None, :]
-        sim = jnp.where(valid, sim, -jnp.finfo(jnp.float32).max)
-        attn = jax.nn.softmax(sim, axis=-1).astype(c.dtype)
-        out = jnp.einsum("bhts,bshd->bthd", attn, v).reshape(*h.shape[:2], c.inner_dim)
-        return out @ self.to_out[...].astype(c.dtype)
+        return q * jnp.asarray(c.dim_head ** -0.5, c.dtype)
+
+    def attend(self, h: jax.Array, k: jax.Array, v: jax.Array, media_mask: jax.Array,
+               visible: jax.Array | None = None, slot_size: int | None = None) -> jax.Array:
+        """Cross-attention output before its gate: h (B, T, dim), k/v (B, S, heads, dim_head), media_mask (B, S);
+        with `visible` (B, T) (see `visible_slots`) and `slot_size` the media-location mask applies too."""
+        c = self.config
+        out = attention(self.queries(h), k, v, allowed_keys(media_mask, visible, slot_size), c.dtype)
+        return out.reshape(*h.shape[:2], c.inner_dim) @ self.to_out[...].astype(c.dtype)
 
     def feed_forward(self, h: jax.Array) -> jax.Array:
         """FF output before its gate."""
@@ -100,11 +148,14 @@ class GatedCrossAttentionBlock(nnx.Module):
         x = sharding.constrain(x, ("act_batch", "act_length", "act_mlp"))
         return x @ self.ff_out[...].astype(c.dtype)
 
-    def __call__(self, h: jax.Array, audio_kv: tuple[jax.Array, jax.Array], media_mask: jax.Array) -> jax.Array:
-        """h (B, T, dim) with audio keys/values from `audio_kv` and their mask (B, S) -> h (B, T, dim)."""
+    def __call__(self, h: jax.Array, audio_kv: tuple[jax.Array, jax.Array], media_mask: jax.Array,
+                 visible: jax.Array | None = None, slot_size: int | None = None) -> jax.Array:
+        """h (B, T, dim) with audio keys/values from `audio_kv` and their mask (B, S) -> h (B, T, dim); `visible`
+        (B, T) and `slot_size` add the media-location mask (None: off, every valid audio token is visible)."""
         k, v = audio_kv
         gate_attn = jnp.tanh(self.attn_gate[...].astype(jnp.float32))
         gate_ff = jnp.tanh(self.ff_gate[...].astype(jnp.float32))
-        h = h + (gate_attn * self.attend(h, k, v, media_mask).astype(jnp.float32)).astype(h.dtype)
+        attn_out = self.attend(h, k, v, media_mask, visible, slot_size)
+        h = h + (gate_attn * attn_out.astype(jnp.float32)).astype(h.dtype)
         h = h + (gate_ff * self.feed_forward(h).astype(jnp.float32)).astype(h.dtype)
         return sharding.constrain(h, ("act_batch", "act_length", "act_embed"))
