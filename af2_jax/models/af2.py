@@ -9,6 +9,12 @@ Entry points:
 - `__call__(audio, audio_mask, input_ids, attention_mask)` -> fp32 logits, for training and scoring;
 - `encode_audio` -> (media, media_mask); `audio_kv(media)` -> every layer's audio keys/values, computed once per
   prompt; `prefill` / `decode_step` run text chunks against those cached audio keys/values and a text KV cache.
+
+Several audios per example (docs/MULTI_AUDIO.md): audio (B, A, W, 160000) with audio_mask (B, A, W) instead of
+(B, W, ...). Each audio is encoded on its own; media are slot-major (B, A*W*64, C) and the media mask keeps the
+slots, (B, A, W*64). With `AF2Config.media_location_mask` the text after the i-th `<audio>` token sees audios
+0..i (AF1's rule, text before the first `<audio>` sees audio 0); the cache counts each row's `<audio>` tokens so a
+decode step sees every audio up to it (AF1's decode step sees only the first audio: a bug we do not copy).
 """
 from __future__ import annotations
 
@@ -19,11 +25,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from af2_jax.audio.mel import log_mel
-from af2_jax.models import audio_encoder, scan
+from af2_jax.models import audio_encoder, qwen2, scan
 from af2_jax.models.audio_transformer import AudioTransformer, AudioTransformerConfig, audio_transformer_preset
 from af2_jax.models.htsat import HTSAT, HTSATConfig, htsat_preset
 from af2_jax.models.qwen2 import KVCache, Qwen2Config, Qwen2ForCausalLM, attention_inputs, qwen2_preset
-from af2_jax.models.xattn import GatedCrossAttentionBlock, XAttnConfig
+from af2_jax.models.xattn import GatedCrossAttentionBlock, XAttnConfig, visible_slots
 
 # (k, v), each (layers, B, S, heads, dim_head): every cross-attention layer's keys/values of one batch's audio.
 AudioKV = tuple[jax.Array, jax.Array]
@@ -41,6 +47,9 @@ class AF2Config:
     # Not in AF2: add a sinusoidal embedding of each audio token's time to HTSAT's output (audio_encoder.py).
     # Parameter-free, so weights convert either way; off reproduces the reference exactly.
     audio_time_embedding: bool = False
+    # Not in AF2's release: AF1's media-location mask for several audios per prompt (docs/MULTI_AUDIO.md); only
+    # a multi-audio media mask (B, A>1, N) is affected, so off or on, single-audio results are the same.
+    media_location_mask: bool = False
     # special tokens (af2_reference.md section 5; the tiny fixture uses its own small vocabulary)
     audio_token_id: int = 151665
     eoc_token_id: int = 151666
@@ -98,6 +107,39 @@ def af2_preset(name: str, **overrides) -> AF2Config:
     return AF2Config(**fields)
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class AF2Cache(KVCache):
+    """The text KV cache plus `audio_seen` (B,) int32: each row's `<audio>` tokens among the cached text, so that
+    a later chunk (a decode step) knows which audio slots it may see."""
+
+    audio_seen: jax.Array
+
+
+def init_cache(config: AF2Config, batch: int, max_len: int, dtype=None) -> AF2Cache:
+    """An empty cache for `batch` rows of up to `max_len` tokens (prompt + generated)."""
+    text = qwen2.init_cache(config.llm, batch, max_len, dtype)
+    return AF2Cache(**{f.name: getattr(text, f.name) for f in dataclasses.fields(KVCache)},
+                    audio_seen=jnp.zeros((batch,), jnp.int32))
+
+
+def _as_af2_cache(cache: KVCache) -> AF2Cache:
+    """A plain (empty) text cache gets a zero `<audio>` count; an AF2Cache is returned as is."""
+    if isinstance(cache, AF2Cache):
+        return cache
+    return AF2Cache(**{f.name: getattr(cache, f.name) for f in dataclasses.fields(KVCache)},
+                    audio_seen=jnp.zeros(cache.valid.shape[:1], jnp.int32))
+
+
+def media_layout(media_mask: jax.Array) -> tuple[jax.Array, int]:
+    """(B, S) or slotted (B, A, N) media mask -> (flat (B, S) mask, number of audio slots A)."""
+    if media_mask.ndim == 2:
+        return media_mask, 1
+    if media_mask.ndim == 3:
+        return media_mask.reshape(media_mask.shape[0], -1), media_mask.shape[1]
+    raise ValueError(f"media_mask must be (B, S) or (B, audios, tokens per audio), got {media_mask.shape}")
+
+
 def text_positions(attention_mask: jax.Array) -> jax.Array:
     """Positions of real tokens count real tokens before them (transformers' cumsum(mask) - 1, right or left
     padding); padding slots keep their index, so a right-padded row reads 0..T-1 exactly as the reference's
@@ -119,14 +161,17 @@ class AF2Model(nnx.Module):
 
     def encode_audio(self, audio: jax.Array, audio_mask: jax.Array, *, train_htsat: bool = False,
                      deterministic: bool = True, rngs: nnx.Rngs | None = None) -> tuple[jax.Array, jax.Array]:
-        """audio (B, W, 160000) windows, audio_mask (B, W) -> media (B, W*64, C), media_mask (B, W*64)."""
-        if audio.ndim != 3 or audio_mask.shape != audio.shape[:2]:
-            raise ValueError(f"encode_audio: expected audio (B, W, 160000) and audio_mask (B, W), got "
-                             f"{audio.shape} and {audio_mask.shape}")
+        """audio (B, W, 160000) windows, audio_mask (B, W) -> media (B, W*64, C), media_mask (B, W*64); or several
+        audios per row, audio (B, A, W, 160000), audio_mask (B, A, W) -> media (B, A*W*64, C) slot-major,
+        media_mask (B, A, W*64)."""
+        if audio.ndim not in (3, 4) or audio_mask.shape != audio.shape[:-1]:
+            raise ValueError(f"encode_audio: expected audio (B, W, 160000) and audio_mask (B, W), or (B, A, W, "
+                             f"160000) and (B, A, W), got {audio.shape} and {audio_mask.shape}")
         mel = log_mel(audio.astype(jnp.float32))
-        return audio_encoder.encode_audio(self.htsat, self.audio_transformer, mel, audio_mask,
-                                          add_time_embedding=self.config.audio_time_embedding,
-                                          train_htsat=train_htsat, deterministic=deterministic, rngs=rngs)
+        encode = audio_encoder.encode_audio if audio.ndim == 3 else audio_encoder.encode_audios
+        return encode(self.htsat, self.audio_transformer, mel, audio_mask,
+                      add_time_embedding=self.config.audio_time_embedding,
+                      train_htsat=train_htsat, deterministic=deterministic, rngs=rngs)
 
     def audio_kv(self, media: jax.Array) -> AudioKV:
         """Every cross-attention layer's audio keys/values, (layers, B, S, heads, dim_head) each."""
@@ -140,22 +185,27 @@ class AF2Model(nnx.Module):
 
     def decode(self, h: jax.Array, media_mask: jax.Array, *, media: jax.Array | None = None,
                audio_kv: AudioKV | None = None, positions: jax.Array, mask: jax.Array,
-               cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+               cache: KVCache | None = None, visible: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
         """Hidden states through every superblock (cross-attention i, decoder layer i) as one scan.
 
         Give either `media` (audio keys/values computed inside each layer: cheapest memory for training, where the
         remat policy may recompute them) or `audio_kv` (precomputed once per prompt, for generation). `cache`
-        must already mark this chunk's slots valid (see `qwen2.attention_inputs`).
+        must already mark this chunk's slots valid (see `qwen2.attention_inputs`). `visible` (B, T): the audio
+        slots each position sees (media-location mask; needs a slotted media_mask (B, A, N)), None: all.
         """
         if (media is None) == (audio_kv is None):
             raise ValueError("decode: pass exactly one of media and audio_kv")
+        flat_mask, slots = media_layout(media_mask)
+        slot_size = flat_mask.shape[-1] // slots
+        if visible is not None and slots == 1:
+            visible = None  # one slot: the mask allows everything, keep the plain path bit for bit
 
         def body(layers, h, xs):
             block, decoder_layer = layers
             layer_audio_kv, layer_text_kv = xs
             if layer_audio_kv is None:
                 layer_audio_kv = block.audio_kv(media)
-            h = block(h, layer_audio_kv, media_mask)
+            h = block(h, layer_audio_kv, flat_mask, visible, slot_size)
             layer_cache = None if layer_text_kv is None else dataclasses.replace(
                 cache, k=layer_text_kv[0], v=layer_text_kv[1])
             h, layer_cache = decoder_layer(h, positions=positions, mask=mask, cache=layer_cache)
@@ -168,6 +218,14 @@ class AF2Model(nnx.Module):
             cache = dataclasses.replace(cache, k=text_kv[0], v=text_kv[1], index=cache.index + h.shape[1])
         return h, cache
 
+    def media_visibility(self, media_mask: jax.Array, input_ids: jax.Array,
+                         seen: jax.Array | None = None) -> jax.Array | None:
+        """(B, T) audio slots visible to each text position when the media-location mask applies (config on and a
+        multi-slot media mask), else None. `seen` (B,): `<audio>` tokens of the text before this chunk."""
+        if not self.config.media_location_mask or media_layout(media_mask)[1] == 1:
+            return None
+        return visible_slots(input_ids, self.config.audio_token_id, seen)
+
     def text_logits(self, media_mask: jax.Array, input_ids: jax.Array, attention_mask: jax.Array, *,
                     media: jax.Array | None = None, audio_kv: AudioKV | None = None,
                     cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
@@ -175,29 +233,39 @@ class AF2Model(nnx.Module):
         (prefill of a left-padded prompt, or one decode step with attention_mask ones)."""
         if cache is None:
             positions, mask = text_positions(attention_mask), attention_inputs(attention_mask)[1]
+            visible = self.media_visibility(media_mask, input_ids)
         else:
+            cache = _as_af2_cache(cache)
+            visible = self.media_visibility(media_mask, input_ids, cache.audio_seen)
             positions, mask, key_valid = attention_inputs(attention_mask, cache)
-            cache = dataclasses.replace(cache, valid=key_valid)
+            seen = cache.audio_seen + jnp.sum((input_ids == self.config.audio_token_id).astype(jnp.int32), axis=-1)
+            cache = dataclasses.replace(cache, valid=key_valid, audio_seen=seen)
         h, cache = self.decode(self.llm.embed(input_ids), media_mask, media=media, audio_kv=audio_kv,
-                               positions=positions, mask=mask, cache=cache)
+                               positions=positions, mask=mask, cache=cache, visible=visible)
         return self.llm.logits(h), cache
 
     def prefill(self, audio_kv: AudioKV, media_mask: jax.Array, input_ids: jax.Array, attention_mask: jax.Array,
                 cache: KVCache) -> tuple[jax.Array, KVCache]:
-        """A left-padded prompt batch into an empty cache -> (logits of the last position (B, V), cache)."""
+        """A left-padded prompt batch into an empty cache (`init_cache`; a plain text KVCache is taken as having
+        seen no `<audio>`) -> (logits of the last position (B, V), AF2Cache)."""
         logits, cache = self.text_logits(media_mask, input_ids, attention_mask, audio_kv=audio_kv, cache=cache)
         return logits[:, -1], cache
 
     def decode_step(self, tokens: jax.Array, audio_kv: AudioKV, media_mask: jax.Array,
                     cache: KVCache) -> tuple[jax.Array, KVCache]:
-        """One new token per row (B,) -> (next-token logits (B, V), cache)."""
+        """One new token per row (B,) -> (next-token logits (B, V), cache). The token sees the audio slots of
+        every `<audio>` token cached before it or equal to it (the mask of the last position, not AF1's first)."""
+        if not isinstance(cache, AF2Cache) and self.media_visibility(media_mask, tokens[:, None]) is not None:
+            raise ValueError("decode_step with the media-location mask needs the AF2Cache that prefill returns "
+                             "(it counts the prompt's <audio> tokens)")
         ids = tokens[:, None]
         logits, cache = self.text_logits(media_mask, ids, jnp.ones(ids.shape, bool), audio_kv=audio_kv, cache=cache)
         return logits[:, 0], cache
 
     def __call__(self, audio: jax.Array, audio_mask: jax.Array, input_ids: jax.Array, attention_mask: jax.Array, *,
                  train_htsat: bool = False, deterministic: bool = True, rngs: nnx.Rngs | None = None) -> jax.Array:
-        """audio (B, W, 160000), audio_mask (B, W), input_ids / attention_mask (B, T) -> logits (B, T, V) fp32."""
+        """audio (B, W, 160000), audio_mask (B, W) (or several audios per row, (B, A, W, 160000) and (B, A, W)),
+        input_ids / attention_mask (B, T) -> logits (B, T, V) fp32."""
         media, media_mask = self.encode_audio(audio, audio_mask, train_htsat=train_htsat,
                                               deterministic=deterministic, rngs=rngs)
         return self.text_logits(media_mask, input_ids, attention_mask, media=media)[0]

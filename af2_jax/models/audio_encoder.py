@@ -58,3 +58,24 @@ def encode_audio(htsat: HTSAT, audio_transformer: AudioTransformer, mel: jax.Arr
         tokens = tokens + time_embedding(w, tokens.shape[-1], per_window).astype(tokens.dtype)
     token_mask = jnp.repeat(window_mask.astype(jnp.float32), per_window, axis=1)
     return audio_transformer(tokens, token_mask, deterministic=deterministic, rngs=rngs), token_mask
+
+
+def encode_audios(htsat: HTSAT, audio_transformer: AudioTransformer, mel: jax.Array, window_mask: jax.Array, *,
+                  add_time_embedding: bool = False, train_htsat: bool = False, deterministic: bool = True,
+                  rngs: nnx.Rngs | None = None) -> tuple[jax.Array, jax.Array]:
+    """Several audios per example: mel (B, A, W, 1001, 64), window_mask (B, A, W) -> (audio tokens
+    (B, A*W*64, C) slot-major, token mask (B, A, W*64) float32).
+
+    Each audio is encoded exactly as a single-audio example is (`encode_audio`): HTSAT per window, then the audio
+    transformer over that audio's own windows (its RoPE positions start at 0 per audio, padded windows are masked
+    keys). In training mode each audio is one HTSAT reference call, an empty slot included (it then enters the
+    BatchNorm running statistics like padded windows do)."""
+    if mel.ndim != 5 or window_mask.shape != mel.shape[:3]:
+        raise ValueError(f"expected mel (batch, audios, windows, frames, bins) and window_mask (batch, audios, "
+                         f"windows), got {mel.shape} and {window_mask.shape}")
+    b, a, w = mel.shape[:3]
+    tokens, token_mask = encode_audio(htsat, audio_transformer, mel.reshape(b * a, *mel.shape[2:]),
+                                      window_mask.reshape(b * a, w), add_time_embedding=add_time_embedding,
+                                      train_htsat=train_htsat, deterministic=deterministic, rngs=rngs)
+    per_audio = tokens.shape[1]
+    return tokens.reshape(b, a * per_audio, tokens.shape[-1]), token_mask.reshape(b, a, per_audio)
