@@ -6,6 +6,10 @@ Batches may mix audio lengths (missing windows are zeros with mask 0) and prompt
 tokens do not depend on the other rows of its batch. So a batch's rows are split over the process's devices (data
 parallel, the model copied onto each) whenever they divide evenly: on a CPU split into host devices, each core
 encodes its share of the audio.
+
+Several audios per request (docs/MULTI_AUDIO.md): audio (B, A, W, 160000) with mask (B, A, W), both the audio slots
+and each audio's windows padded, and a prompt with one `<audio>` per audio. With the model's media-location mask on,
+every generated token sees all audios of its row (its cache counts the prompt's `<audio>` tokens).
 """
 from __future__ import annotations
 
@@ -21,10 +25,10 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from af2_jax import sharding
-from af2_jax.audio.windows import pad_batch
+from af2_jax.audio.windows import WINDOW_SAMPLES, pad_batch
 from af2_jax.inference.sampling import SamplingConfig, next_token
-from af2_jax.models.qwen2 import init_cache
-from af2_jax.tokenizer import AF2Tokenizer, encode_prompt, extract_answer
+from af2_jax.models.af2 import init_cache
+from af2_jax.tokenizer import AUDIO_TOKEN, SEP_TOKEN, AF2Tokenizer, encode_prompt, extract_answer
 
 PROMPT_BUCKET = 16  # prompts are left-padded to a multiple of this, so few distinct shapes get compiled
 
@@ -44,7 +48,7 @@ def _decode(graphdef, state, audio_kv, media_mask, input_ids, attention_mask, ke
     model = nnx.merge(graphdef, state)
     batch, prompt_len = input_ids.shape
     steps = sampling.max_new_tokens
-    cache = init_cache(model.config.llm, batch, prompt_len + steps)
+    cache = init_cache(model.config, batch, prompt_len + steps)
     logits, cache = model.prefill(audio_kv, media_mask, input_ids, attention_mask, cache)
 
     def keep_going(carry):
@@ -83,8 +87,8 @@ def data_parallel_mesh(rows: int) -> Mesh | None:
 def generate_tokens(model: nnx.Module, audio, audio_mask, input_ids, attention_mask, sampling: SamplingConfig, *,
                     key: jax.Array | None = None, eos_id: int | None = None, data_parallel: bool = True
                     ) -> np.ndarray:
-    """audio (B, W, 160000), audio_mask (B, W), left-padded input_ids / attention_mask (B, T) -> generated ids
-    (B, max_new_tokens); each row ends at its first eos (`<|endoftext|>` unless `eos_id` says otherwise; included)
+    """audio (B, W, 160000), audio_mask (B, W) (or several audios per row: (B, A, W, 160000), (B, A, W), see
+    `pad_audios`), left-padded input_ids / attention_mask (B, T) -> generated ids (B, max_new_tokens); each row ends at its first eos (`<|endoftext|>` unless `eos_id` says otherwise; included)
     and is padded with the pad id. With `data_parallel`, the rows are split over `data_parallel_mesh(B)` and the
     model's weights are replicated onto its devices (once: later calls find them there)."""
     config = model.config
@@ -114,6 +118,28 @@ def _generate(model, audio, audio_mask, input_ids, attention_mask, key, sampling
     return np.asarray(tokens)
 
 
+def pad_audios(audios: Sequence[Sequence[np.ndarray]], num_audios: int | None = None,
+               num_windows: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Requests' audios, each a list of (n_ia, 160000) windows -> audio (B, A, W, 160000) float32 and its mask
+    (B, A, W): A = the most audios of a request (or `num_audios`), W = the most windows of an audio (or
+    `num_windows`); a missing audio or window is zeros with mask 0. Audio a of a request goes to slot a."""
+    if not audios or min(len(a) for a in audios) == 0:
+        raise ValueError("pad_audios: every request needs at least one audio")
+    slots = max(len(a) for a in audios) if num_audios is None else num_audios
+    if slots < max(len(a) for a in audios):
+        raise ValueError(f"pad_audios: num_audios={num_audios} is smaller than a request's {max(map(len, audios))}")
+    flat = [w for request in audios for w in request]
+    _, per = pad_batch(flat, num_windows)  # checks every audio's shape; width = the longest audio
+    width = per.shape[1]
+    audio = np.zeros((len(audios), slots, width, WINDOW_SAMPLES), np.float32)
+    mask = np.zeros((len(audios), slots, width), np.float32)
+    for row, request in enumerate(audios):
+        for slot, windows in enumerate(request):
+            audio[row, slot, :len(windows)] = windows
+            mask[row, slot, :len(windows)] = 1.0
+    return audio, mask
+
+
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, multiple: int = PROMPT_BUCKET
              ) -> tuple[np.ndarray, np.ndarray]:
     """Token lists -> (ids, attention_mask) (B, T), right-aligned, T rounded up to `multiple`."""
@@ -138,10 +164,38 @@ def answer_text(tokenizer: AF2Tokenizer, generated: Sequence[int]) -> str:
 
 @dataclasses.dataclass
 class Request:
-    """One question about one clip: its windows (n, 160000) from `audio.windows.make_windows`, and the prompt."""
+    """One question about one clip: its windows (n, 160000) from `audio.windows.make_windows`, and the prompt.
 
-    windows: np.ndarray
+    Several clips: `windows` is a list of such arrays, one per audio, and the prompt holds one `<audio>` per clip
+    where that clip belongs (e.g. "<audio>a dog. <audio>which one barks?"); one clip may omit its `<audio>`."""
+
+    windows: np.ndarray | Sequence[np.ndarray]
     prompt: str
+
+    @property
+    def audios(self) -> list[np.ndarray]:
+        """The request's clips as a list of (n, 160000) windows arrays."""
+        return [self.windows] if isinstance(self.windows, np.ndarray) else list(self.windows)
+
+    @property
+    def multi_audio(self) -> bool:
+        return not isinstance(self.windows, np.ndarray)
+
+
+def request_prompt_ids(tokenizer: AF2Tokenizer, request: Request, max_prompt_tokens: int = 512) -> list[int]:
+    """The prompt's token ids: `<audio>{prompt}<SEP>` lowercased for a single clip (the reference format, also for
+    a list of one clip whose prompt names no `<audio>`); else `{prompt}<SEP>` lowercased, which must hold exactly
+    one `<audio>` per clip after truncation."""
+    audios = len(request.audios)
+    text = request.prompt.lower().strip()
+    if not request.multi_audio or (audios == 1 and AUDIO_TOKEN not in text):
+        return encode_prompt(tokenizer, request.prompt, max_prompt_tokens)
+    ids = tokenizer.encode(text + SEP_TOKEN)[:max_prompt_tokens]
+    found = ids.count(tokenizer.audio_id)
+    if found != audios:
+        raise ValueError(f"a request with {audios} audio(s) needs one {AUDIO_TOKEN} per audio in its prompt "
+                         f"(within {max_prompt_tokens} tokens), found {found}: {request.prompt[:80]!r}")
+    return ids
 
 
 def check_tokenizer(config, tokenizer: AF2Tokenizer) -> None:
@@ -159,10 +213,14 @@ def check_tokenizer(config, tokenizer: AF2Tokenizer) -> None:
 def answer_batch(model: nnx.Module, tokenizer: AF2Tokenizer, requests: Sequence[Request],
                  sampling: SamplingConfig, *, key: jax.Array | None = None, max_prompt_tokens: int = 512
                  ) -> list[str]:
-    """Answers to a batch of requests in the reference prompt format (`<audio>{prompt}<SEP>`, lowercased)."""
+    """Answers to a batch of requests in the reference prompt format (`<audio>{prompt}<SEP>`, lowercased); a
+    batch with a several-audio request uses the multi-audio layout (`pad_audios`, `request_prompt_ids`)."""
     check_tokenizer(model.config, tokenizer)
-    audio, audio_mask = pad_batch([r.windows for r in requests])
-    prompts = [encode_prompt(tokenizer, r.prompt, max_prompt_tokens) for r in requests]
+    if any(r.multi_audio for r in requests):
+        audio, audio_mask = pad_audios([r.audios for r in requests])
+    else:
+        audio, audio_mask = pad_batch([r.windows for r in requests])
+    prompts = [request_prompt_ids(tokenizer, r, max_prompt_tokens) for r in requests]
     ids, mask = left_pad(prompts, tokenizer.pad_id)
     tokens = generate_tokens(model, audio, audio_mask, ids, mask, sampling, key=key)
     return [answer_text(tokenizer, row) for row in tokens]
