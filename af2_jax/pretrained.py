@@ -220,9 +220,12 @@ def load_tokenizer(path: str | os.PathLike, override: str | os.PathLike | None =
     setting, or the synthetic dataset's tiny tokenizer when that was empty (what that run trained with)."""
     from af2_jax import tokenizer
 
+    model_dir = resolve(path)
+    if read_config(model_dir)[0] == "afclap":  # AF-CLAP's text side is T5's tokenizer, not AF2's
+        from af2_jax.clap_tokenizer import ClapTokenizer
+        return ClapTokenizer.from_file(override or model_dir / TOKENIZER_DIR)
     if override:
         return tokenizer.AF2Tokenizer.from_dir(override)
-    model_dir = resolve(path)
     if (model_dir / TOKENIZER_DIR).is_dir():
         return tokenizer.AF2Tokenizer.from_dir(model_dir / TOKENIZER_DIR)
     if model_dir.name == FINAL_DIR and run_config_file(model_dir.parent) is not None:

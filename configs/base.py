@@ -53,6 +53,7 @@ def stage_config(stage: int, preset: str = "tiny") -> ml_collections.ConfigDict:
         raise ValueError(f"unknown preset {preset!r}; choose one of {PRESETS}")
     tiny = preset == "tiny"
     c = ml_collections.ConfigDict()
+    c.task = "af2"  # af2_jax/training/tasks.py (configs/clap.py trains 'afclap')
     c.stage = stage
     c.preset = preset
     c.seed = 0

@@ -302,7 +302,7 @@ def run_train(args: argparse.Namespace) -> list[dict]:
                          train_state.tree_shardings(abstract_frozen, mesh))
             state, frozen = abstract_state, abstract_frozen  # jit's in_shardings place them
             step = step_lib.jit_train_step(
-                step_lib.make_train_step(split, tx, schedule, train_htsat=_train_htsat(cfg)), mesh, shardings)
+                step_lib.make_train_step(split, tx, schedule, loss=step_lib.af2_loss(train_htsat=_train_htsat(cfg))), mesh, shardings)
             start = time.perf_counter()
             with jax.set_mesh(mesh):
                 compiled = step.lower(state, frozen, _abstract_batch(args.batch, args.windows, args.tokens,
@@ -323,7 +323,7 @@ def run_train(args: argparse.Namespace) -> list[dict]:
             split, state, frozen, shardings = train_state.create_train_state(make_model, patterns, tx, mesh,
                                                                              frozen_dtype)
             step = step_lib.jit_train_step(
-                step_lib.make_train_step(split, tx, schedule, train_htsat=_train_htsat(cfg)), mesh, shardings)
+                step_lib.make_train_step(split, tx, schedule, loss=step_lib.af2_loss(train_htsat=_train_htsat(cfg))), mesh, shardings)
             rng = np.random.default_rng(0)
             vocab = config.llm.vocab_size
             host = {"audio": (0.3 * rng.normal(size=(1, args.batch, args.windows, 160000))).astype(np.float32),

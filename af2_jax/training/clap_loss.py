@@ -169,12 +169,14 @@ def composition_mask(batch: int, num_positives: int, num_negatives: int) -> jax.
 
 
 def composition_logits(audio_features: jax.Array, text_features: jax.Array, logit_scale: jax.Array, *,
-                       num_positives: int, num_negatives: int) -> tuple[jax.Array, jax.Array]:
+                       num_positives: int, num_negatives: int, negative_valid: jax.Array | None = None
+                       ) -> tuple[jax.Array, jax.Array]:
     """(logits_per_audio (B, B·(M+N)), masked; logits_per_text (B·M, B), positives only).
 
     logits_per_audio[a, b·(M+N) + k] = s·⟨A_a, T_b,k⟩ where audio a may see text (b, k), the most negative finite
     float elsewhere (the additive -inf mask); the columns follow the flat text order. logits_per_text row b·M + m
-    is positive caption m of audio b against every audio.
+    is positive caption m of audio b against every audio. `negative_valid` (B, N), when given, removes the
+    negatives it marks 0 (a record with fewer negatives than N) from their audio's softmax as well.
     """
     texts = _structure_texts(audio_features, text_features, num_positives, num_negatives, "composition_logits")
     dtype = _compute_dtype(audio_features, texts)
@@ -182,7 +184,14 @@ def composition_logits(audio_features: jax.Array, text_features: jax.Array, logi
     s = _scale(logit_scale, dtype)
     b, k, _ = t.shape
     z = s * jnp.einsum("aj,bkj->abk", a, t, precision=_HIGHEST)
-    z = jnp.where(composition_mask(b, num_positives, num_negatives), z, jnp.finfo(dtype).min)
+    visible = composition_mask(b, num_positives, num_negatives)
+    if negative_valid is not None:
+        if negative_valid.shape != (b, num_negatives):
+            raise ValueError(f"composition_logits: negative_valid must be (B, N) = ({b}, {num_negatives}), got "
+                             f"{negative_valid.shape}")
+        slot_valid = jnp.concatenate([jnp.ones((b, num_positives), bool), negative_valid.astype(bool)], axis=1)
+        visible = visible & slot_valid[None, :, :]
+    z = jnp.where(visible, z, jnp.finfo(dtype).min)
     per_audio = sharding.constrain(z.reshape(b, b * k), _ROWS)
     positives = t[:, :num_positives].reshape(b * num_positives, -1)
     per_text = sharding.constrain(s * jnp.einsum("pj,aj->pa", positives, a, precision=_HIGHEST), _ROWS)
@@ -190,16 +199,19 @@ def composition_logits(audio_features: jax.Array, text_features: jax.Array, logi
 
 
 def composition_loss(audio_features: jax.Array, text_features: jax.Array, logit_scale: jax.Array, *,
-                     num_positives: int = 1, num_negatives: int) -> jax.Array:
+                     num_positives: int = 1, num_negatives: int, negative_valid: jax.Array | None = None
+                     ) -> jax.Array:
     """Contrastive loss with M positive captions and N composition-swapped negatives per audio; a scalar.
 
     audio_features (B, J); text_features (B·(M+N), J) ordered [pos_1..pos_M, neg_1..neg_N] per audio (CompA's
     order at M = 1), or (B, M+N, J). logit_scale: log space. Audio a's softmax spans every audio's positives plus
     its own negatives; its target is uniform over its own M positives (the mean of their -log softmax). Each
     positive caption's softmax spans the B audios, target its own audio. loss = ½·(CE_audio + CE_text).
+    `negative_valid` (B, N): negatives marked 0 are left out (see `composition_logits`).
     """
     per_audio, per_text = composition_logits(audio_features, text_features, logit_scale,
-                                             num_positives=num_positives, num_negatives=num_negatives)
+                                             num_positives=num_positives, num_negatives=num_negatives,
+                                             negative_valid=negative_valid)
     b = audio_features.shape[0]
     k = num_positives + num_negatives
     # Audio a's positives sit in columns a·(M+N) + m, m < M.

@@ -76,7 +76,8 @@ def global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh, grad_accum_s
                  ) -> dict[str, jax.Array]:
     """This host's rows -> global (micro-batch, rows, ...) arrays (rows of all hosts concatenated in process
     order)."""
-    local_batch = pad_windows(local_batch, common_window_count(local_batch))
+    if "audio" in local_batch:  # AF2 batches: hosts bucket their window counts independently
+        local_batch = pad_windows(local_batch, common_window_count(local_batch))
     local_batch = split_micro_batches(local_batch, grad_accum_steps)
     sharding = batch_sharding(mesh)
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local_batch.items()}

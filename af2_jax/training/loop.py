@@ -22,9 +22,8 @@ import jax
 import numpy as np
 
 from af2_jax import pretrained, sharding
-from af2_jax.tokenizer import load_tokenizer
 from af2_jax.training import (distributed, feature_norm, initialization, input_norm, optimizer, run_config,
-                              step as step_lib, train_state)
+                              step as step_lib, tasks, train_state)
 from af2_jax.training.checkpointing import Checkpointer
 from af2_jax.training.metrics import MetricsLogger
 
@@ -93,14 +92,6 @@ def write_run_config(cfg: Any, workdir: pathlib.Path) -> None:
         (workdir / pretrained.RUN_CONFIG_FILE).write_text(cfg.to_json_best_effort(indent=2) + "\n")
 
 
-def default_iterator(cfg: Any, tokenizer: Any, rows_per_process: int) -> Iterator[dict]:
-    from af2_jax.data.pipeline import make_iterator
-    return make_iterator(cfg.data, tokenizer, seed=cfg.seed, batch_size=rows_per_process,
-                         max_windows=cfg.max_windows, max_tokens=cfg.max_tokens,
-                         process_index=jax.process_index(), process_count=jax.process_count(),
-                         num_workers=cfg.num_workers, window_buckets=tuple(cfg.window_buckets))
-
-
 def train(cfg: Any, workdir: str | pathlib.Path, *, make_iterator: Callable[..., Iterator[dict]] | None = None,
           make_model: Callable[[], Any] | None = None, max_steps: int | None = None,
           stop: StopFlag | None = None) -> RunResult:
@@ -114,12 +105,13 @@ def train(cfg: Any, workdir: str | pathlib.Path, *, make_iterator: Callable[...,
     if jax.process_index() == 0:
         for line in run_config.header(cfg, workdir):
             logging.info("%s", line)
+    task = tasks.task_of(cfg)
     mesh = make_mesh(cfg.mesh)
-    tokenizer = load_tokenizer(cfg.tokenizer)
+    tokenizer = task.tokenizer(cfg)
     model_config = None
     if make_model is None:
-        model_config = initialization.model_config(cfg.model, max_windows=cfg.max_windows, tokenizer=tokenizer)
-        make_model = initialization.model_factory(model_config, cfg.seed)
+        model_config = task.model_config(cfg, tokenizer)
+        make_model = task.build(model_config, cfg.seed)
 
     patterns = tuple(cfg.trainable)
     tx = optimizer.make_optimizer(cfg.optimizer, patterns, cfg.num_steps)
@@ -131,7 +123,7 @@ def train(cfg: Any, workdir: str | pathlib.Path, *, make_iterator: Callable[...,
     if rows_per_step % jax.process_count():
         raise run_config.ConfigError(f"batch_size x grad_accum_steps = {rows_per_step} rows is not divisible by "
                          f"{jax.process_count()} processes")
-    iterator = (make_iterator or default_iterator)(cfg, tokenizer, rows_per_step // jax.process_count())
+    iterator = (make_iterator or task.iterator)(cfg, tokenizer, rows_per_step // jax.process_count())
 
     write_run_config(cfg, workdir)
     checkpointer = Checkpointer(workdir / CHECKPOINT_DIR, keep=cfg.checkpoint.keep,
@@ -141,18 +133,16 @@ def train(cfg: Any, workdir: str | pathlib.Path, *, make_iterator: Callable[...,
     if restored is not None:
         state, start_step = restored
         logging.info("resumed from checkpoint %d in %s", start_step, checkpointer.directory)
-    elif cfg.model.calibrate_input_norm and input_norm.BN0_MEAN not in (init_params or {}):
+    elif task.name == "af2" and cfg.model.calibrate_input_norm and input_norm.BN0_MEAN not in (init_params or {}):
         state["batch_stats"] = _calibrate_input_norm(cfg, tokenizer, rows_per_step // jax.process_count(),
                                                       state["batch_stats"], make_iterator)
-    if cfg.model.calibrate_feature_norm and feature_norm.NORM_SCALE not in (init_params or {}):
+    if task.name == "af2" and cfg.model.calibrate_feature_norm and feature_norm.NORM_SCALE not in (init_params or {}):
         frozen = _calibrate_feature_norm(cfg, tokenizer, rows_per_step // jax.process_count(), mesh, split, state,
                                          frozen, make_iterator, workdir, resumed=restored is not None)
 
     step_fn = step_lib.jit_train_step(step_lib.make_train_step(
-        split, tx, optimizer.learning_rate_schedule(cfg.optimizer, cfg.num_steps),
-        train_htsat=cfg.htsat_train_mode and any(p.startswith("htsat") for p in patterns),
-        deterministic=cfg.deterministic, seed=cfg.seed),
-        mesh, shardings)
+        split, tx, optimizer.learning_rate_schedule(cfg.optimizer, cfg.num_steps), loss=task.loss(cfg, patterns),
+        batch_keys=task.batch_keys, after_update=task.after_update, seed=cfg.seed), mesh, shardings, task.batch_keys)
 
     stop = stop if stop is not None else StopFlag()
     previous_handlers = _install_signal_handlers(stop)
@@ -181,8 +171,8 @@ def train(cfg: Any, workdir: str | pathlib.Path, *, make_iterator: Callable[...,
     try:
         while step < end_step:
             batch = distributed.global_batch(next(iterator), mesh, cfg.grad_accum_steps)
-            shape = tuple(batch["audio"].shape) + tuple(batch["input_ids"].shape)
-            with jax.set_mesh(mesh), _compiling(shape not in compiled_shapes, batch["audio"].shape):
+            shape = tuple(tuple(v.shape) for v in batch.values())
+            with jax.set_mesh(mesh), _compiling(shape not in compiled_shapes, shape[0]):
                 state, device_metrics = step_fn(state, frozen, batch)
             compiled_shapes.add(shape)
             finish_pending()  # the previous step's metrics, while this one runs
@@ -216,14 +206,14 @@ def train(cfg: Any, workdir: str | pathlib.Path, *, make_iterator: Callable[...,
 
 
 @contextlib.contextmanager
-def _compiling(first_call: bool, audio_shape: tuple, every_s: float = 15.0):
+def _compiling(first_call: bool, shape: tuple, every_s: float = 15.0):
     """Says that the step is compiling on the first call for a batch shape (tens of seconds on CPU, minutes for a
     real preset), and keeps saying it until the call returns."""
     if not first_call or jax.process_index() != 0:
         yield
         return
-    micro, rows, windows = audio_shape[:3]
-    logging.info("compiling the train step for %d x %d rows of %d windows ...", micro, rows, windows)
+    logging.info("compiling the train step for batches of %d x %d rows %s ...", shape[0], shape[1],
+                 f"of {shape[2]} windows" if len(shape) == 4 else "")
     done = threading.Event()
     start = time.perf_counter()
 
@@ -242,7 +232,7 @@ def _compiling(first_call: bool, audio_shape: tuple, every_s: float = 15.0):
 
 def _first_batches(cfg: Any, tokenizer: Any, rows: int, make_iterator: Callable | None) -> list[dict]:
     """The run's first batches, for calibrations (a fresh iterator: the training one is not advanced)."""
-    iterator = (make_iterator or default_iterator)(cfg, tokenizer, rows)
+    iterator = (make_iterator or tasks.task_of(cfg).iterator)(cfg, tokenizer, rows)
     try:
         return [next(iterator) for _ in range(CALIBRATION_BATCHES)]
     finally:

@@ -44,22 +44,45 @@ def _at_least(cfg: Any, dotted: str, low: int | float) -> None:
         raise ConfigError(f"config: {dotted} must be a number >= {low}, got {value!r}")
 
 
-def validate(cfg: Any) -> None:
-    """Every field the loop reads, with its allowed range; the data sources too (af2_jax.data.config)."""
+def _validate_af2(cfg: Any) -> None:
     from af2_jax.models.af2 import AF2_PRESETS
 
-    for field in ("batch_size", "grad_accum_steps", "num_steps", "max_windows", "log_every",
+    _at_least(cfg, "max_windows", 1)
+    _at_least(cfg, "max_tokens", 2)
+    if _get(cfg, "model.preset") not in AF2_PRESETS:
+        raise ConfigError(f"config: model.preset must be one of {sorted(AF2_PRESETS)}, got {cfg.model.preset!r}")
+    buckets = tuple(_get(cfg, "window_buckets"))
+    if any(not isinstance(b, int) or b < 1 for b in buckets):
+        raise ConfigError(f"config: window_buckets must be positive window counts, got {buckets}")
+
+
+def _validate_afclap(cfg: Any) -> None:
+    from af2_jax.models.afclap import AFCLAP_PRESETS
+
+    _at_least(cfg, "num_positives", 1)
+    _at_least(cfg, "num_negatives", 0)
+    if _get(cfg, "model.preset") not in AFCLAP_PRESETS:
+        raise ConfigError(f"config: model.preset must be one of {sorted(AFCLAP_PRESETS)}, got {cfg.model.preset!r}")
+
+
+TASK_CHECKS = {"af2": _validate_af2, "afclap": _validate_afclap}
+
+
+def validate(cfg: Any) -> None:
+    """Every field the loop reads, with its allowed range; the data sources too (af2_jax.data.config)."""
+    task = _get(cfg, "task")
+    if task not in TASK_CHECKS:
+        raise ConfigError(f"config: task must be one of {sorted(TASK_CHECKS)}, got {task!r}")
+    TASK_CHECKS[task](cfg)
+    for field in ("batch_size", "grad_accum_steps", "num_steps", "log_every",
                   "checkpoint.every_steps", "checkpoint.keep", "checkpoint.preemption_check_every"):
         _at_least(cfg, field, 1)
-    _at_least(cfg, "max_tokens", 2)
     _at_least(cfg, "num_workers", 0)
     _at_least(cfg, "optimizer.warmup_steps", 0)
     _at_least(cfg, "optimizer.weight_decay", 0)
     _at_least(cfg, "optimizer.learning_rate", 0)  # 0 is allowed: frozen runs check chaining and exports
     if _get(cfg, "optimizer.schedule") not in SCHEDULES:
         raise ConfigError(f"config: optimizer.schedule must be one of {SCHEDULES}, got {cfg.optimizer.schedule!r}")
-    if _get(cfg, "model.preset") not in AF2_PRESETS:
-        raise ConfigError(f"config: model.preset must be one of {sorted(AF2_PRESETS)}, got {cfg.model.preset!r}")
     for field in ("model.compute_dtype", "frozen_param_dtype"):
         if _get(cfg, field) not in DTYPE_NAMES:
             raise ConfigError(f"config: {field} must be one of {DTYPE_NAMES}, got {_get(cfg, field)!r}")
@@ -67,9 +90,6 @@ def validate(cfg: Any) -> None:
     if any(not isinstance(s, int) or (s < 1 and s != -1) for s in sizes) or sizes.count(-1) > 1:
         raise ConfigError(f"config: mesh sizes (data, fsdp, tensor) must be >= 1, one of them may be -1 (all "
                           f"remaining devices); got {tuple(sizes)}")
-    buckets = tuple(_get(cfg, "window_buckets"))
-    if any(not isinstance(b, int) or b < 1 for b in buckets):
-        raise ConfigError(f"config: window_buckets must be positive window counts, got {buckets}")
     if not tuple(_get(cfg, "trainable")):
         raise ConfigError("config: trainable is empty (nothing would train)")
     from af2_jax.data import config as data_config
@@ -86,7 +106,7 @@ def _describe_sources(data: Any) -> str:
     parts = []
     for source in data_config.validate(data):
         kind, weight = source["kind"], float(source.get("weight", 1.0))
-        if kind == "synthetic":
+        if kind.startswith("synthetic"):
             what = f"synthetic {source.get('split', 'train')} ({', '.join(source.get('skills') or ['short skills'])})"
         else:
             what = f"{kind} {source['path']}"
@@ -98,20 +118,26 @@ def header(cfg: Any, workdir: Any) -> list[str]:
     """What this run is: a few lines for the console (the full config is in the workdir's run_config.json)."""
     stage = cfg.stage
     init = cfg.init_from or "random weights (no init_from)"
+    if cfg.task == "afclap":
+        what = (f"AF-CLAP contrastive pretraining, preset {cfg.model.preset} -> {workdir}",
+                f"{cfg.num_positives} captions and {cfg.num_negatives} composition negatives per clip "
+                f"({'composition-aware loss' if cfg.composition_negatives else 'plain loss on the first caption'})")
+    else:
+        what = (f"AF2 stage {stage}, preset {cfg.model.preset} -> {workdir}",
+                f"up to {cfg.max_windows} x 10 s windows, {cfg.max_tokens} tokens")
     lines = [
-        f"AF2 stage {stage}, preset {cfg.model.preset} -> {workdir}",
-        f"  steps {cfg.num_steps}, {cfg.batch_size} rows x {cfg.grad_accum_steps} accumulation, up to "
-        f"{cfg.max_windows} x 10 s windows, {cfg.max_tokens} tokens, lr {cfg.optimizer.learning_rate:g} "
-        f"({cfg.optimizer.schedule})",
+        what[0],
+        f"  steps {cfg.num_steps}, {cfg.batch_size} rows x {cfg.grad_accum_steps} accumulation, {what[1]}, "
+        f"lr {cfg.optimizer.learning_rate:g} ({cfg.optimizer.schedule})",
         f"  starts from: {init}",
         f"  trains: {', '.join(cfg.trainable)}",
         f"  data: {_describe_sources(cfg.data)}",
         f"  tokenizer: {cfg.tokenizer or 'the synthetic dataset tiny tokenizer'}",
     ]
-    if not cfg.init_from and stage in (2, 3):
+    if cfg.task == "af2" and not cfg.init_from and stage in (2, 3):
         lines.append(f"  note: stage {stage} of the curriculum starts from stage {stage - 1}'s workdir "
                      f"(--config.init_from=<stage-{stage - 1} workdir>); this run starts from random weights")
-    if not cfg.init_from and cfg.model.preset != "tiny":
+    if cfg.task == "af2" and not cfg.init_from and cfg.model.preset != "tiny":
         lines.append("  note: a real preset from random weights trains nothing useful with a frozen random LLM; "
                      "stage 1 starts from converted Qwen2.5 and AF-CLAP weights (--config.init_from=llm=...,htsat=...)")
     return lines

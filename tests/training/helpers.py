@@ -147,7 +147,8 @@ def run_steps(stage: int, mesh_shape: tuple[int, int, int], steps: int = 2, accu
     initial = split.merge(state["trainable"], state["batch_stats"], frozen)
     before, stats_before = flat(nnx.state(initial, nnx.Param)), flat(nnx.state(initial, nnx.BatchStat))
     step = step_lib.jit_train_step(step_lib.make_train_step(
-        split, tx, optimizer.learning_rate_schedule(cfg.optimizer), train_htsat=stage >= 2), mesh, shardings)
+        split, tx, optimizer.learning_rate_schedule(cfg.optimizer), loss=step_lib.af2_loss(train_htsat=stage >= 2)),
+        mesh, shardings)
     batches = RandomBatches(ROWS * accumulation)
     losses = []
     with jax.set_mesh(mesh):

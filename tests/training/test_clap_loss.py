@@ -286,3 +286,22 @@ def test_sharded_batch_equals_single_device():
     # The global-batch loss is not the mean of per-shard losses (each shard sees every other shard's texts).
     local = np.mean([clip_loss(a[i:i + 2], t[i:i + 2], scales[0]) for i in range(0, b, 2)])
     assert abs(float(single[0][0]) - local) > 1e-3
+
+
+def test_invalid_negatives_are_left_out_as_if_absent():
+    """A row with fewer negatives than N: its padded negatives (negative_valid 0) change nothing, so the loss equals
+    the loss of the batch where those slots hold any other text (here: copies pushed far away)."""
+    rng = np.random.default_rng(7)
+    b, m, n, j = 3, 2, 3, 8
+    audio = jnp.asarray(_normalised(rng, b, j), jnp.float32)
+    texts = _normalised(rng, b, m + n, j)
+    valid = np.ones((b, n), bool)
+    valid[1, 1:] = False  # row 1 has a single real negative
+    moved = texts.copy()
+    moved[1, m + 1:] = -moved[1, m + 1:]  # what the padded slots hold must not matter
+    losses = [clap_loss.composition_loss(audio, jnp.asarray(t, jnp.float32), jnp.float32(2.0), num_positives=m,
+                                         num_negatives=n, negative_valid=jnp.asarray(valid)) for t in (texts, moved)]
+    np.testing.assert_allclose(float(losses[0]), float(losses[1]), rtol=1e-6)
+    everything = clap_loss.composition_loss(audio, jnp.asarray(texts, jnp.float32), jnp.float32(2.0),
+                                            num_positives=m, num_negatives=n)
+    assert abs(float(everything) - float(losses[0])) > 1e-4  # and the mask does remove them
