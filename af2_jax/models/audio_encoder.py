@@ -9,6 +9,9 @@ Later models of the family add explicit time embeddings (RoTE in Music Flamingo 
 
 HTSAT sees each example's windows as one reference call (padded windows included), which only matters in
 training mode (per-example batch statistics and fusion window, see af2_jax.models.htsat).
+
+`encode_audios` takes several audios per example (docs/MULTI_AUDIO.md): each is encoded as a single-audio example
+would be, and the results are concatenated slot-major.
 """
 from __future__ import annotations
 
