@@ -89,8 +89,9 @@ def generate_tokens(model: nnx.Module, audio, audio_mask, input_ids, attention_m
                     ) -> np.ndarray:
     """audio (B, W, 160000), audio_mask (B, W) (or several audios per row: (B, A, W, 160000), (B, A, W), see
     `pad_audios`), left-padded input_ids / attention_mask (B, T) -> generated ids (B, max_new_tokens); each row
-    ends at its first eos (`<|endoftext|>` unless `eos_id` says otherwise; included) and is padded with the pad id. With `data_parallel`, the rows are split over `data_parallel_mesh(B)` and the
-    model's weights are replicated onto its devices (once: later calls find them there)."""
+    ends at its first eos (`<|endoftext|>` unless `eos_id` says otherwise; included) and is padded with the pad id.
+    With `data_parallel`, the rows are split over `data_parallel_mesh(B)` and the model's weights are replicated
+    onto its devices (once: later calls find them there)."""
     config = model.config
     eos_id = config.eos_token_id if eos_id is None else eos_id
     if key is None:
