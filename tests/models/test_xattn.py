@@ -8,7 +8,7 @@ from flax import nnx
 
 from af2_jax import param_tree
 from af2_jax.convert import mapping
-from af2_jax.convert.af2_release import xattn_rules
+from af2_jax.convert.af2_keys import xattn_rules
 from af2_jax.convert.tensor_files import PrefixView, SafetensorsSource
 from af2_jax.models.xattn import GatedCrossAttentionBlock, XAttnConfig
 
