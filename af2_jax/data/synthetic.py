@@ -107,6 +107,12 @@ def _spaced_starts(rng, count: int, clip_s: float, event_s: float, gap_s: float,
     return starts
 
 
+def _log(log: list, kind: str, start_s: float, seconds: float, role: str = "target", **labels) -> None:
+    """Note one placed sound in the record's event list (what af2_jax.data.captions describes). Never draws from
+    the generator, so logging changes no waveform, prompt or answer."""
+    log.append({"kind": kind, "start": float(start_s), "duration": float(seconds), "role": role, **labels})
+
+
 def _finish(clip: np.ndarray) -> np.ndarray:
     peak = np.abs(clip).max()
     return (clip / peak * 0.9 if peak > 0 else clip).astype(np.float32)
@@ -123,16 +129,17 @@ def _mcq(rng, prompt: str, answer: str, choices: tuple[str, ...], probability: f
 
 
 # ----------------------------------------------------------------------------------------------------------- skills
-def _count(rng):
+def _count(rng, log):
     n = int(rng.integers(1, 5))
     clip_s = float(rng.uniform(4.0, 9.0))
     clip = np.zeros(int(clip_s * SAMPLE_RATE))
     for s in _spaced_starts(rng, n, clip_s, 0.25, 0.5):
         _place(clip, tone(BEEP_HZ, 0.25), s)
+        _log(log, "beep", s, 0.25, freq=BEEP_HZ)
     return clip, "how many beeps are there?", NUMBER_WORDS[n - 1], NUMBER_WORDS
 
 
-def _beep_and_noise(rng, clip: np.ndarray, starts_of: Callable):
+def _beep_and_noise(rng, clip: np.ndarray, starts_of: Callable, log: list):
     """Order's events placed in `clip`: a beep and a noise burst, in random order, at the two starts `starts_of(rng)`
     draws; with order's question, answer and choices. Shared by order and long_order."""
     beep_first = bool(rng.integers(2))
@@ -140,19 +147,21 @@ def _beep_and_noise(rng, clip: np.ndarray, starts_of: Callable):
     beep_at, noise_at = (first, second) if beep_first else (second, first)
     _place(clip, tone(BEEP_HZ, 0.5), beep_at)
     _place(clip, noise_burst(rng, 0.5), noise_at, 0.8)
+    _log(log, "beep", beep_at, 0.5, freq=BEEP_HZ)
+    _log(log, "noise", noise_at, 0.5, gain=0.8)
     named = ("the beep", "the noise") if rng.integers(2) else ("the noise", "the beep")
     prompt = f"which came first, {named[0]} or {named[1]}?"
     answer = "the beep" if beep_first else "the noise"
     return clip, prompt, answer, ("the beep", "the noise")
 
 
-def _order(rng):
+def _order(rng, log):
     clip_s = float(rng.uniform(3.0, 8.0))
     return _beep_and_noise(rng, np.zeros(int(clip_s * SAMPLE_RATE)),
-                           lambda r: _spaced_starts(r, 2, clip_s, 0.5, 0.6))
+                           lambda r: _spaced_starts(r, 2, clip_s, 0.5, 0.6), log)
 
 
-def _two_tones(rng, clip: np.ndarray, starts_of: Callable):
+def _two_tones(rng, clip: np.ndarray, starts_of: Callable, log: list):
     """Pitch's events placed in `clip`: a low and a high tone (>= 2.5x: more than an octave apart), in random order,
     at the two starts `starts_of(rng)` draws; with pitch's question, answer and choices. Shared by pitch and
     long_pitch."""
@@ -161,27 +170,31 @@ def _two_tones(rng, clip: np.ndarray, starts_of: Callable):
     higher = bool(rng.integers(2))
     for freq, start in zip((low, high) if higher else (high, low), starts_of(rng)):
         _place(clip, tone(freq, 0.6), start)
+        _log(log, "tone", start, 0.6, freq=freq, pitch="high" if freq == high else "low")  # relative to the other
     prompt = "is the second tone higher or lower than the first?"
     return clip, prompt, "higher" if higher else "lower", ("higher", "lower")
 
 
-def _pitch(rng):
+def _pitch(rng, log):
     clip_s = float(rng.uniform(2.5, 6.0))
-    return _two_tones(rng, np.zeros(int(clip_s * SAMPLE_RATE)), lambda r: _spaced_starts(r, 2, clip_s, 0.6, 0.4))
+    return _two_tones(rng, np.zeros(int(clip_s * SAMPLE_RATE)), lambda r: _spaced_starts(r, 2, clip_s, 0.6, 0.4),
+                      log)
 
 
-def _timbre(rng):
+def _timbre(rng, log):
     k = int(rng.integers(len(INSTRUMENTS)))
     timbre = ("sine", "square", "sawtooth", "pluck")[k]
     clip_s = float(rng.uniform(3.5, 7.0))
     clip = np.zeros(int(clip_s * SAMPLE_RATE))
     notes = int(rng.integers(2, 4))
     for s in _spaced_starts(rng, notes, clip_s, 0.7, 0.2):
-        _place(clip, tone(float(rng.uniform(220.0, 660.0)), 0.7, timbre), s)
+        freq = float(rng.uniform(220.0, 660.0))
+        _place(clip, tone(freq, 0.7, timbre), s)
+        _log(log, "note", s, 0.7, freq=freq, instrument=INSTRUMENTS[k])
     return clip, "which instrument plays?", INSTRUMENTS[k], INSTRUMENTS
 
 
-def _loudness(rng):
+def _loudness(rng, log):
     # The pipeline peak-normalises every clip (as the reference does), so loudness is judged against a steady
     # background hiss: a loud beep towers over it, a quiet one barely clears it.
     clip_s = float(rng.uniform(3.0, 7.0))
@@ -190,16 +203,20 @@ def _loudness(rng):
     loud = bool(rng.integers(2))
     (s,) = _spaced_starts(rng, 1, clip_s, 1.0, 0.0)
     _place(clip, tone(BEEP_HZ, 1.0), s, 0.9 if loud else 0.08)
+    _log(log, "hiss", 0.0, n / SAMPLE_RATE, role="background", gain=0.05)
+    _log(log, "beep", s, 1.0, freq=BEEP_HZ, gain=0.9 if loud else 0.08, loudness="loud" if loud else "quiet")
     return clip, "is the beep loud or quiet?", "loud" if loud else "quiet", ("loud", "quiet")
 
 
-def _duration(rng):
+def _duration(rng, log):
     clip_s = float(rng.uniform(5.0, 8.0))
     clip = np.zeros(int(clip_s * SAMPLE_RATE))
     long = bool(rng.integers(2))
     length = float(rng.uniform(2.5, 3.5)) if long else float(rng.uniform(0.2, 0.4))
     (s,) = _spaced_starts(rng, 1, clip_s, length, 0.0)
-    _place(clip, tone(float(rng.uniform(500.0, 1500.0)), length), s)
+    freq = float(rng.uniform(500.0, 1500.0))
+    _place(clip, tone(freq, length), s)
+    _log(log, "tone", s, length, freq=freq, length="long" if long else "short")
     return clip, "is the tone long or short?", "long" if long else "short", ("long", "short")
 
 
@@ -212,15 +229,17 @@ CAPTIONS = tuple(_caption_text(n, h, z) for n in (1, 2, 3) for h in (True, False
 CAPTION_PROMPTS = ("describe the audio.", "caption the audio.")
 
 
-def _caption(rng):
+def _caption(rng, log):
     n, high, noise = int(rng.integers(1, 4)), bool(rng.integers(2)), bool(rng.integers(2))
     clip_s = float(rng.uniform(5.0, 9.0))
     clip = np.zeros(int(clip_s * SAMPLE_RATE))
     starts = _spaced_starts(rng, n + int(noise), clip_s, 0.5, 0.4)
     for s in starts[:n]:
         _place(clip, tone(HIGH_BEEP_HZ if high else LOW_BEEP_HZ, 0.3), s)
+        _log(log, "beep", s, 0.3, freq=HIGH_BEEP_HZ if high else LOW_BEEP_HZ, pitch="high" if high else "low")
     if noise:
         _place(clip, noise_burst(rng, 0.5), starts[-1], 0.8)
+        _log(log, "noise", starts[-1], 0.5, gain=0.8)
     prompt = CAPTION_PROMPTS[int(rng.integers(len(CAPTION_PROMPTS)))]
     return clip, prompt, _caption_text(n, high, noise), CAPTIONS
 
@@ -229,11 +248,12 @@ LONG_SECONDS = 300.0  # the long skills' recordings: 5 minutes, i.e. 30 windows,
 LONG_GAP_S = 30.0  # long_order / long_pitch: events minutes apart, not seconds
 
 
-def _long_recording(rng) -> np.ndarray:
+def _long_recording(rng, log) -> np.ndarray:
     """5 minutes of silence with 2-8 whistles, a sound no short skill uses, as distractors."""
     clip = np.zeros(int(LONG_SECONDS * SAMPLE_RATE))
     for s in rng.uniform(1.0, LONG_SECONDS - 2.0, int(rng.integers(2, 9))):
         _place(clip, whistle(), float(s))
+        _log(log, "whistle", float(s), 0.8, role="distractor", contour="rising")
     return clip
 
 
@@ -243,41 +263,46 @@ def _far_apart_starts(rng) -> tuple[float, float]:
     return first, float(rng.uniform(first + LONG_GAP_S, LONG_SECONDS - 2.0))
 
 
-def _long_order(rng):
+def _long_order(rng, log):
     """The order skill's beep and noise, minutes apart in 5 minutes: which came first?"""
-    return _beep_and_noise(rng, _long_recording(rng), _far_apart_starts)
+    return _beep_and_noise(rng, _long_recording(rng, log), _far_apart_starts, log)
 
 
-def _long_pitch(rng):
+def _long_pitch(rng, log):
     """The pitch skill's two tones, minutes apart in 5 minutes: is the second higher or lower?"""
-    return _two_tones(rng, _long_recording(rng), _far_apart_starts)
+    return _two_tones(rng, _long_recording(rng, log), _far_apart_starts, log)
 
 
-def _long_count(rng):
+def _long_count(rng, log):
     """1-4 of the count skill's beeps, at least 5 s apart, spread over 5 minutes: how many?"""
-    clip = _long_recording(rng)
+    clip = _long_recording(rng, log)
     n = int(rng.integers(1, 5))
     for s in _spaced_starts(rng, n, LONG_SECONDS, 0.25, 5.0, margin_s=1.0):
         _place(clip, tone(BEEP_HZ, 0.25), s)
+        _log(log, "beep", s, 0.25, freq=BEEP_HZ)
     return clip, "how many beeps are there?", NUMBER_WORDS[n - 1], NUMBER_WORDS
 
 
-def _long_background(rng, minutes: int) -> tuple[np.ndarray, float]:
+def _long_background(rng, minutes: int, log: list) -> tuple[np.ndarray, float]:
     """1-5 minutes of faint hiss with a few distractor beeps, so the model must look for the whistle itself."""
     clip_s = minutes * 60.0 - float(rng.uniform(0.0, 20.0)) if minutes > 1 else 60.0
     n = int(clip_s * SAMPLE_RATE)
     clip = 0.02 * rng.uniform(-1.0, 1.0, n)
+    _log(log, "hiss", 0.0, n / SAMPLE_RATE, role="background", gain=0.02)
     for s in rng.uniform(1.0, clip_s - 2.0, int(rng.integers(2, 2 + 2 * minutes))):
         _place(clip, tone(BEEP_HZ, 0.2), float(s), 0.5)
+        _log(log, "beep", float(s), 0.2, role="distractor", freq=BEEP_HZ, gain=0.5)
     return clip, clip_s
 
 
-def _long_when(rng):
+def _long_when(rng, log):
     minutes = int(rng.integers(1, 6))
-    clip, clip_s = _long_background(rng, minutes)
+    clip, clip_s = _long_background(rng, minutes, log)
     minute = int(rng.integers(minutes))
     last_start = min(clip_s, (minute + 1) * 60.0) - 5.0  # 5 s away from minute edges: no ambiguous answers
-    _place(clip, whistle(), float(rng.uniform(minute * 60.0 + 5.0, last_start)))
+    at = float(rng.uniform(minute * 60.0 + 5.0, last_start))
+    _place(clip, whistle(), at)
+    _log(log, "whistle", at, 0.8, contour="rising")
     answers = tuple(f"the {w} minute" for w in ORDINAL_WORDS)
     return clip, "in which minute does the whistle occur?", answers[minute], answers[:minutes]
 
@@ -293,7 +318,10 @@ MCQ_SKILLS = ("order", "pitch", "timbre", "long_when")  # asked MMAU-style with 
 # ---------------------------------------------------------------------------------------------------------- dataset
 def generate(seed: int, split: str, index: int, skills=SHORT_SKILLS,
              mcq_probability: float = MCQ_PROBABILITY) -> dict:
-    """Example `index` of `split`: a record with the waveform, prompt, answer, skill and its closed answer set.
+    """Example `index` of `split`: a record with the waveform, prompt, answer, skill and its closed answer set, and
+    'events': every sound placed, in time order, as {'kind' (beep | tone | note | noise | whistle | hiss), 'start',
+    'duration' (s), 'role' (target: what the question is about | distractor | background), the labels the skill
+    defines (pitch high/low, loudness loud/quiet, length long/short, instrument, contour rising) and freq/gain}.
     `mcq_probability` changes only the question's form (the draw is made either way), never the audio."""
     if split not in SPLIT_CODES:
         raise ValueError(f"synthetic split must be one of {sorted(SPLIT_CODES)}, got {split!r}")
@@ -307,7 +335,8 @@ def generate(seed: int, split: str, index: int, skills=SHORT_SKILLS,
         raise ValueError(f"mcq_probability must be in [0, 1], got {mcq_probability}")
     skill = skills[index % len(skills)]  # round robin: every skill equally represented in any window of examples
     rng = np.random.default_rng([int(seed), SPLIT_CODES[split], int(index)])
-    clip, prompt, answer, choices = SKILLS[skill](rng)
+    events: list[dict] = []
+    clip, prompt, answer, choices = SKILLS[skill](rng, events)
     if skill in MCQ_SKILLS:
         prompt, answer, choices = _mcq(rng, prompt, answer, choices, mcq_probability)
     waveform = _finish(clip)
@@ -322,6 +351,7 @@ def generate(seed: int, split: str, index: int, skills=SHORT_SKILLS,
         "start": 0.0,
         "duration": waveform.size / SAMPLE_RATE,
         "dataset": "synthetic",
+        "events": sorted(events, key=lambda e: e["start"]),  # stable: simultaneous events keep placement order
     }
 
 
