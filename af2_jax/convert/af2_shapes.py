@@ -36,7 +36,7 @@ class ShapeError(ValueError):
     """A state dict whose shapes do not determine an AF2 config (a missing key, or a field to pass)."""
 
 
-class _Shapes:
+class Shapes:
     """The source's keys and shapes, read from headers (no tensor is loaded)."""
 
     def __init__(self, source):
@@ -55,7 +55,7 @@ class _Shapes:
         return max(found) + 1 if found else 0
 
 
-def _htsat(shape: _Shapes, p: str = CLAP) -> dict:
+def _htsat(shape: Shapes, p: str = CLAP) -> dict:
     embed, _, patch, _ = shape(f"{p}patch_embed.proj.weight")
     stages = shape.count(rf"{re.escape(p)}layers\.(\d+)\.")
     block = f"{p}layers.{{s}}.blocks.0.attn.relative_position_bias_table"
@@ -69,7 +69,13 @@ def _htsat(shape: _Shapes, p: str = CLAP) -> dict:
                 n_fft=shape(f"{p}spectrogram_extractor.stft.conv_real.weight")[2])
 
 
-def _audio_transformer(shape: _Shapes, p: str = AUDIO) -> tuple[dict, int]:
+def htsat_fields(source, prefix: str = CLAP) -> dict:
+    """The HTSATConfig fields that the shapes of `source`'s keys under `prefix` fix (AF2's 'clap.nvclap.', an
+    AF-CLAP checkpoint's 'module.audio_branch.'); no shape holds the others (spec_size, eps, drop_path_rate...)."""
+    return _htsat(source if isinstance(source, Shapes) else Shapes(source), prefix)
+
+
+def _audio_transformer(shape: Shapes, p: str = AUDIO) -> tuple[dict, int]:
     fields = dict(d_model=shape(f"{p}layer_norm.weight")[0],
                   n_layers=shape.count(rf"{re.escape(p)}layer_stack\.(\d+)\."),
                   d_inner=shape(f"{p}layer_stack.0.pos_ffn.w_1.weight")[0])
@@ -80,7 +86,7 @@ def _audio_transformer(shape: _Shapes, p: str = AUDIO) -> tuple[dict, int]:
     return fields, inner
 
 
-def _llm(shape: _Shapes, p: str = LLM) -> tuple[dict, int, int]:
+def _llm(shape: Shapes, p: str = LLM) -> tuple[dict, int, int]:
     vocab, hidden = shape(f"{p}model.embed_tokens.weight")
     layer = f"{p}model.layers.0.decoder_layer."
     q, k = shape(f"{layer}self_attn.q_proj.weight")[0], shape(f"{layer}self_attn.k_proj.weight")[0]
@@ -95,7 +101,7 @@ def _llm(shape: _Shapes, p: str = LLM) -> tuple[dict, int, int]:
                 tie_word_embeddings=bool(tied)), q, k
 
 
-def _xattn(shape: _Shapes, p: str = XATTN) -> dict:
+def _xattn(shape: Shapes, p: str = XATTN) -> dict:
     inner, dim = shape(f"{p}attn.to_q.weight")
     if inner % XATTN_DIM_HEAD:
         raise ShapeError(f"cross-attention width {inner} is not a multiple of the reference's dim_head 64")
@@ -117,7 +123,7 @@ def infer_config(source, *, overrides: Mapping[str, Any] | None = None, **af2_fi
     """(AF2Config, the preset whose widths match or None) from a tensor source (keys(), shape(), get()).
     `overrides` set sub-config fields ({'llm.num_heads': 16, 'audio_transformer.n_heads': 2}); `af2_fields` are
     AF2Config's own (max_windows, ...) plus `dtype`/`param_dtype` for every sub-config."""
-    shape = _Shapes(source)
+    shape = Shapes(source)
     htsat, (at, at_inner), (llm, q, k), xattn = _htsat(shape), _audio_transformer(shape), _llm(shape), _xattn(shape)
     preset = _matching_preset(htsat, at, llm, q, k)
     base = af2_preset(preset or "3b")  # otherwise Qwen2.5's RoPE theta and epsilons, 30 windows

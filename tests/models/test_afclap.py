@@ -1,5 +1,6 @@
 """AF-CLAP against the golden fixture afclap_tiny (NVIDIA's CLAP_Module in fp32): the reference state dict loaded
-into our model by key name, then every model array of the fixture from the HTSAT image to the similarity matrix."""
+into our model through the converter's key table (af2_jax/convert/afclap_keys.py), then every model array of the
+fixture from the HTSAT image to the similarity matrix."""
 from __future__ import annotations
 
 import pathlib
@@ -12,7 +13,9 @@ import pytest
 from flax import nnx
 
 from af2_jax import param_tree
-from af2_jax.models import htsat as htsat_lib
+from af2_jax.convert.afclap_keys import afclap_rules, state_dict_keys
+from af2_jax.convert.mapping import ConversionError, import_tensors
+from af2_jax.convert.tensor_files import SafetensorsSource
 from af2_jax.models.afclap import AFCLAPModel, afclap_preset
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -30,119 +33,22 @@ def afclap_dir(afclap_fixture_dir) -> pathlib.Path:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# the reference's state-dict names -> our parameter paths (to move into a converter module)
 
-def torch_to_ours(key: str) -> tuple[str, int | None, str] | None:
-    """A key of AF-CLAP's checkpoint state dict ('module.' prefix optional) -> (our flat path, index on the stacked
-    'layers' axis or None, layout), or None for what we recompute or alias (Swin relative_position_index and
-    attn_mask, T5's tied encoder.embed_tokens). Layouts: 'same'; 'linear' (torch (out, in) -> (in, out));
-    'conv' ((O, I, kh, kw) -> (kh, kw, I, O)); 'counter' (int64 -> int32). Unknown keys raise KeyError."""
-    k = key.removeprefix("module.")
-    bn = {"weight": "scale", "bias": "bias", "running_mean": "mean", "running_var": "var",
-          "num_batches_tracked": "num_batches_tracked"}
-    ln = {"weight": "scale", "bias": "bias"}
-    aff = {"local_att.0": "local_conv1", "local_att.1": "local_bn1", "local_att.3": "local_conv2",
-           "local_att.4": "local_bn2", "global_att.1": "global_conv1", "global_att.2": "global_bn1",
-           "global_att.4": "global_conv2", "global_att.5": "global_bn2"}
-    mlp = {"0": "fc1", "2": "fc2", "sequential.0": "fc1", "sequential.3": "fc2"}
-    t5_attn = {"q": "query", "k": "key", "v": "value", "o": "out"}
-    fixed = {
-        "logit_scale_a": ("logit_scale_a", "same"), "logit_scale_t": ("logit_scale_t", "same"),
-        "audio_branch.spectrogram_extractor.stft.conv_real.weight": ("htsat/stft_real", "same"),
-        "audio_branch.spectrogram_extractor.stft.conv_imag.weight": ("htsat/stft_imag", "same"),
-        "audio_branch.logmel_extractor.melW": ("htsat/mel_filterbank", "same"),
-        "text_branch.shared.weight": ("t5/embed_tokens", "same"),
-        "text_branch.encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight":
-            ("t5/relative_attention_bias", "same"),
-        "text_branch.encoder.final_layer_norm.weight": ("t5/final_norm/scale", "same"),
-    }
-    if k in fixed:
-        return fixed[k][0], None, fixed[k][1]
-    if k == "text_branch.encoder.embed_tokens.weight" or re.fullmatch(
-            r"audio_branch\.layers\.\d+\.blocks\.\d+\.(attn\.relative_position_index|attn_mask)", k):
-        return None
+def load_reference_state(config, source) -> nnx.Module:
+    """Our model filled from the reference state dict through the converter's key table (afclap_keys), which
+    accounts for every key and variable and checks the shapes and the recomputed Swin buffers."""
+    abstract = nnx.eval_shape(lambda: AFCLAPModel(config, rngs=nnx.Rngs(0)))
+    flat = import_tensors(afclap_rules(config), source, param_tree.param_targets(abstract))
+    return param_tree.model_from_flat(abstract, {k: jnp.asarray(v) for k, v in flat.items()})
 
-    def weight_or_bias(path, leaf, layout="linear", index=None):
-        return (f"{path}/kernel", index, layout) if leaf == "weight" else (f"{path}/bias", index, "same")
-
-    if m := re.fullmatch(r"audio_branch\.(bn0|norm|patch_embed\.norm)\.(\w+)", k):
-        names = bn if m[1] == "bn0" else ln
-        return f"htsat/{m[1].replace('.', '/')}/{names[m[2]]}", None, "counter" if m[2] == "num_batches_tracked" \
-            else "same"
-    if m := re.fullmatch(r"audio_branch\.patch_embed\.(proj|mel_conv2d)\.(weight|bias)", k):
-        return weight_or_bias(f"htsat/patch_embed/{m[1]}", m[2], "conv")
-    if m := re.fullmatch(r"audio_branch\.patch_embed\.fusion_model\.(\w+_att\.\d)\.(\w+)", k):
-        ours = f"htsat/patch_embed/fusion_model/{aff[m[1]]}"
-        if "bn" in aff[m[1]]:
-            return f"{ours}/{bn[m[2]]}", None, "counter" if m[2] == "num_batches_tracked" else "same"
-        return weight_or_bias(ours, m[2], "conv")
-    if m := re.fullmatch(r"audio_branch\.(tscam_conv|head)\.(weight|bias)", k):
-        return weight_or_bias(f"htsat/{m[1]}", m[2], "conv" if m[1] == "tscam_conv" else "linear")
-    if m := re.fullmatch(r"audio_branch\.layers\.(\d+)\.blocks\.(\d+)\.(.+)\.(weight|bias)", k):
-        ours, j = f"htsat/stages/{m[1]}/blocks", int(m[2])
-        if m[3] in ("norm1", "norm2"):
-            return f"{ours}/{m[3]}/{ln[m[4]]}", j, "same"
-        sub = {"attn.qkv": "attn/qkv", "attn.proj": "attn/proj", "mlp.fc1": "fc1", "mlp.fc2": "fc2"}[m[3]]
-        return weight_or_bias(f"{ours}/{sub}", m[4], index=j)
-    if m := re.fullmatch(r"audio_branch\.layers\.(\d+)\.blocks\.(\d+)\.attn\.relative_position_bias_table", k):
-        return f"htsat/stages/{m[1]}/blocks/attn/relative_position_bias_table", int(m[2]), "same"
-    if m := re.fullmatch(r"audio_branch\.layers\.(\d+)\.downsample\.(norm|reduction)\.(weight|bias)", k):
-        ours = f"htsat/stages/{m[1]}/downsample/{m[2]}"
-        return (f"{ours}/{ln[m[3]]}", None, "same") if m[2] == "norm" else weight_or_bias(ours, m[3])
-    if m := re.fullmatch(r"text_branch\.encoder\.block\.(\d+)\.layer\.0\.SelfAttention\.([qkvo])\.weight", k):
-        return f"t5/layers/attention/{t5_attn[m[2]]}/kernel", int(m[1]), "linear"
-    if m := re.fullmatch(r"text_branch\.encoder\.block\.(\d+)\.layer\.([01])\.layer_norm\.weight", k):
-        return f"t5/layers/{'attention_norm' if m[2] == '0' else 'ff_norm'}/scale", int(m[1]), "same"
-    if m := re.fullmatch(r"text_branch\.encoder\.block\.(\d+)\.layer\.1\.DenseReluDense\.(wi_0|wi_1|wo)\.weight", k):
-        return f"t5/layers/ff/{m[2]}/kernel", int(m[1]), "linear"
-    if m := re.fullmatch(r"(audio|text)_(projection|transform)\.(\d|sequential\.\d)\.(weight|bias)", k):
-        return weight_or_bias(f"{m[1]}_{m[2]}/{mlp[m[3]]}", m[4])
-    raise KeyError(f"no rule for reference key {key!r}")
-
-
-LAYOUTS = {"same": lambda x: x, "linear": lambda x: x.T, "conv": lambda x: x.transpose(2, 3, 1, 0),
-           "counter": lambda x: x.astype(np.int32)}
-
-
-def load_reference_state(model: nnx.Module, tensors: dict[str, np.ndarray]) -> nnx.Module:
-    """Our model (abstract or concrete) filled from the reference state dict; every key and every variable must be
-    accounted for, with matching shapes."""
-    targets = param_tree.param_targets(model)
-    plain, stacked, unused = {}, {}, []
-    for key, value in tensors.items():
-        mapped = torch_to_ours(key)
-        if mapped is None:
-            unused.append(key)
-            continue
-        path, index, layout = mapped
-        array = LAYOUTS[layout](np.asarray(value))
-        if index is None:
-            assert path not in plain, f"{path} written twice"
-            plain[path] = array
-        else:
-            stacked.setdefault(path, {})[index] = array
-    for path, rows in stacked.items():
-        assert sorted(rows) == list(range(len(rows))), f"{path}: layer indices {sorted(rows)}"
-        plain[path] = np.stack([rows[i] for i in range(len(rows))])
-    assert set(plain) == set(targets), (f"missing {sorted(set(targets) - set(plain))}, "
-                                        f"unexpected {sorted(set(plain) - set(targets))}")
-    for path, (shape, dtype) in targets.items():
-        assert plain[path].shape == tuple(shape), f"{path}: {plain[path].shape} vs ours {shape}"
-        assert plain[path].dtype == dtype, f"{path}: {plain[path].dtype} vs ours {dtype}"
-    graphdef, state = nnx.split(model)
-    nnx.replace_by_pure_dict(state, param_tree.unflatten({k: jnp.asarray(v) for k, v in plain.items()}))
-    return nnx.merge(graphdef, state)
-
-
-# ---------------------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def reference(afclap_dir):
     from safetensors.numpy import load_file
 
     tensors = load_file(afclap_dir / "state_dict.safetensors")
-    abstract = nnx.eval_shape(lambda: AFCLAPModel(afclap_preset("tiny"), rngs=nnx.Rngs(0)))
-    return load_reference_state(abstract, tensors), tensors
+    return load_reference_state(afclap_preset("tiny"), SafetensorsSource([afclap_dir / "state_dict.safetensors"])), \
+        tensors
 
 
 @pytest.fixture(scope="module")
@@ -212,30 +118,36 @@ def _check(name, got, expected, tol):
 
 
 def test_every_reference_key_is_accounted_for(reference, afclap_dir):
-    """The state dict converts with nothing left over; what we do not store (Swin index/masks, the tied T5
-    embedding) equals what we recompute; the manifest's one unstored alias is the tied embedding."""
+    """The converter's key list is the manifest's, in order; the one unstored alias is the tied embedding; the
+    state dict converts with nothing left over (import_tensors raises otherwise, checking the 26 recomputed Swin
+    buffers bit for bit); an unknown key is named."""
     import json
 
     _, tensors = reference
     manifest = [json.loads(line) for line in (afclap_dir / "state_dict_keys.json").read_text().splitlines() if line]
+    assert state_dict_keys(afclap_preset("tiny")) == [e["key"] for e in manifest]
     assert {e["key"] for e in manifest if e["stored"]} == set(tensors)
     aliases = {e["key"]: e["alias_of"] for e in manifest if not e["stored"]}
     assert aliases == {"module.text_branch.encoder.embed_tokens.weight": "module.text_branch.shared.weight"}
-    assert torch_to_ours(next(iter(aliases))) is None
-    config = afclap_preset("tiny").htsat
-    checked = 0
-    for key, value in tensors.items():
-        if torch_to_ours(key) is not None:
-            continue
-        s = int(re.search(r"layers\.(\d+)", key)[1])
-        window = config.stage_window(s)
-        expected = (htsat_lib.relative_position_index(window) if key.endswith("relative_position_index") else
-                    htsat_lib.shift_attention_mask(config.stage_resolution(s), window, config.stage_shift(s)))
-        np.testing.assert_array_equal(value, expected, err_msg=key)
-        checked += 1
-    assert checked == 18 + 8  # the 41 buffers: 5 BatchNorms x 3 (stored by us) + 18 indices + 8 shift masks
-    with pytest.raises(KeyError, match="no rule"):
-        torch_to_ours("module.audio_branch.something_new.weight")
+    buffers = [k for k in tensors if re.search(r"\.(relative_position_index|attn_mask)$", k)]
+    assert len(buffers) == 18 + 8  # the 41 buffers: 5 BatchNorms x 3 (stored by us) + 18 indices + 8 shift masks
+    extra = {**tensors, "module.audio_branch.something_new.weight": np.zeros(1, np.float32)}
+    with pytest.raises(ConversionError, match="something_new"):
+        load_reference_state(afclap_preset("tiny"), _DictSource(extra))
+
+
+class _DictSource:
+    def __init__(self, tensors):
+        self.tensors = tensors
+
+    def keys(self):
+        return list(self.tensors)
+
+    def get(self, key):
+        return self.tensors[key]
+
+    def shape(self, key):
+        return tuple(self.tensors[key].shape)
 
 
 def test_htsat_matches_fixture(ours, fixture):
