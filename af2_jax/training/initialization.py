@@ -4,7 +4,10 @@ initial weights (`config.init_from`).
 `init_from` is '' (random init, tiny presets) or a comma-separated list of sources applied in order, each
 `[PREFIX=]PATH`, where PATH is
   - a directory in our pretrained format (af2_jax.pretrained; e.g. a converted NVIDIA AF2, Qwen2.5 or AF-CLAP
-    checkpoint); with PREFIX its parameters land under PREFIX/ (`llm=/ckpt/qwen2.5-3b,htsat=/ckpt/af-clap`);
+    checkpoint); with PREFIX its parameters land under PREFIX/ (`llm=/ckpt/qwen2.5-3b,htsat=/ckpt/af-clap`).
+    When the source's model itself has a PREFIX/ subtree, only that subtree is taken, so `htsat=<AF-CLAP model>`
+    loads the AF-CLAP model's `htsat/*` (its audio half, AF2's HTSAT by construction) into AF2's `htsat/*` and
+    leaves its T5, projections and logit scales; `htsat=` or `llm=` of another AF2 model takes that component;
   - the workdir of a previous stage: its exported `final/` model if the run finished, otherwise its newest
     checkpoint's trained parameters laid over that run's own `init_from` (a partial restore).
 Every loaded array must match a model parameter's path and shape. Frozen parameters must all be loaded unless the
@@ -117,6 +120,12 @@ def read_init_from(init_from: str) -> dict[str, np.ndarray]:
     for entry in filter(None, (e.strip() for e in init_from.split(","))):
         prefix, _, path = entry.rpartition("=")
         arrays = read_source(path)
+        inside = f"{prefix}/"
+        if prefix and any(k.startswith(inside) for k in arrays):  # a whole model holding that component
+            taken = {k[len(inside):]: v for k, v in arrays.items() if k.startswith(inside)}
+            logging.info("init_from %s=%s: its %s subtree (%d arrays; %d others left)", prefix, path, inside,
+                         len(taken), len(arrays) - len(taken))
+            arrays = taken
         flat.update({(f"{prefix}/{k}" if prefix else k): v for k, v in arrays.items()})
     return flat
 
