@@ -4,6 +4,8 @@
     python launch/convert.py qwen2-to-hf    <our-dir> <hf-dir>
     python launch/convert.py af2-from-torch <nvidia-af2-release or state-dict file> <our-dir> [--tokenizer DIR]
     python launch/convert.py af2-to-torch   <our-dir> <release-dir> [--with-clap-ckpt]
+    python launch/convert.py afclap-from-torch <clap_ckpt/epoch_16.pt or .safetensors> <our-dir> [--tokenizer FILE]
+    python launch/convert.py afclap-to-torch   <our-dir> <file.pt or .safetensors>
 
 Every key is accounted for: a missing, unexpected or mis-shaped key stops the conversion with an error that names
 each one (exit code 1). The key tables live in af2_jax/convert/ (one per format); this file is only the commands.
@@ -124,6 +126,61 @@ def _af2_to_torch_flags(parser: argparse.ArgumentParser) -> None:
                              "the reference's loader opens before safe_ckpt")
 
 
+# -- NVIDIA's AF-CLAP checkpoint -----------------------------------------------------------------------------------
+
+def _afclap_overrides(entries) -> dict[str, Any]:
+    """--set t5.relative_attention_max_distance=64 / joint_dim=512 -> import_afclap's keywords."""
+    overrides, fields = parse_settings(entries)
+    for dotted, value in overrides.items():
+        part, _, name = dotted.partition(".")
+        if part not in ("htsat", "t5") or not name:
+            raise ValueError(f"--set {dotted}: expected htsat.FIELD, t5.FIELD or an AFCLAPConfig field")
+        fields.setdefault(part, {})[name] = value
+    return fields
+
+
+def afclap_from_torch(args: argparse.Namespace) -> None:
+    from af2_jax import pretrained
+    from af2_jax.clap_tokenizer import ClapTokenizer
+    from af2_jax.convert.afclap_release import import_afclap
+
+    tokenizer = ClapTokenizer.from_file(args.tokenizer) if args.tokenizer else None  # a bad path fails first
+    config, params, report = import_afclap(args.src, dtype=args.dtype, progress=args.progress,
+                                           **_afclap_overrides(args.set))
+    if tokenizer is not None and tokenizer.vocab_size > config.t5.vocab_size:
+        raise ValueError(f"{args.tokenizer}: tokenizer has {tokenizer.vocab_size} tokens but the checkpoint's T5 "
+                         f"embedding has {config.t5.vocab_size} rows")
+    pretrained.save(args.dst, config, params, tokenizer=tokenizer)
+    if tokenizer is None:
+        print(f"warning: no --tokenizer given; {args.dst} holds no tokenizer (text embeddings will need one)")
+    for key, value in report.items():
+        print(f"{key}: {value}")
+
+
+def afclap_to_torch(args: argparse.Namespace) -> None:
+    from af2_jax import pretrained
+    from af2_jax.convert.afclap_release import export_afclap
+    from af2_jax.models.afclap import AFCLAPConfig
+
+    config, params = pretrained.load(args.src)
+    if not isinstance(config, AFCLAPConfig):
+        raise ValueError(f"{args.src}: holds a {type(config).__name__}, not an AF-CLAP model")
+    count = export_afclap(config, params, args.dst)
+    where = "" if pathlib.Path(args.dst).suffix == ".safetensors" else " under 'state_dict'"
+    print(f"wrote {count} state-dict keys{where} (module.-prefixed, the tied T5 embedding under both names)")
+
+
+def _afclap_from_torch_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tokenizer", default=None, metavar="FILE",
+                        help="the T5 text tokenizer (tokenizer.json, or a directory holding one); stored as "
+                             "DST/tokenizer/")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="a config field no shape holds: t5.relative_attention_max_distance=128, "
+                             "t5.layer_norm_epsilon=1e-6, context_length=77 (repeatable)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                        help="dtype of the stored parameters (default float32, as the checkpoint)")
+
+
 # name -> (run, add its flags, help)
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], Callable[[argparse.ArgumentParser], None], str]] = {
     "qwen2-from-hf": (qwen2_from_hf, lambda p: _qwen2_flags(p, export=False),
@@ -136,6 +193,12 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], Callable[[argpar
     "af2-to-torch": (af2_to_torch, _af2_to_torch_flags,
                      "our pretrained AF2 directory -> NVIDIA release layout (safe_ckpt/metadata.json + chunks, "
                      "every reference key, aliases included)"),
+    "afclap-from-torch": (afclap_from_torch, _afclap_from_torch_flags,
+                          "NVIDIA AF-CLAP checkpoint (clap_ckpt/epoch_16.pt, or a .safetensors state dict) -> our "
+                          "pretrained format (+ T5 tokenizer)"),
+    "afclap-to-torch": (afclap_to_torch, lambda p: None,
+                        "our pretrained AF-CLAP directory -> a checkpoint NVIDIA's load_afclap_ckpt loads "
+                        "(.pt {'state_dict': ...} or .safetensors)"),
 }
 
 
