@@ -1,6 +1,7 @@
 """The data config: which sources a run reads, with what weights; and the tiny presets' synthetic configs.
 
-    {'sources': [{'kind': 'synthetic' | 'manifest' | 'jsonl' | 'arrayrecord', 'weight': 1.0, ...kind fields}]}
+    {'sources': [{'kind': 'synthetic' | 'manifest' | 'jsonl' | 'arrayrecord' | 'synthetic_captions' |
+                          'caption_manifest', 'weight': 1.0, ...kind fields}]}
 
 Kind fields (docs/DATA.md has the full table):
   synthetic:   split ('train' | 'test'), num_examples, skills (list of names), seed (the data's identity, not
@@ -8,13 +9,20 @@ Kind fields (docs/DATA.md has the full table):
   manifest:    path (an AF2 dataset JSON), audio_root (optional), dataset (optional name), strict (default False)
   jsonl:       path, audio_root, dataset, strict
   arrayrecord: path (a folder written by af2_jax.data.tfds_builder, or one .array_record file)
+AF-CLAP caption kinds (af2_jax.data.clap_pipeline; docs/CLAP_DATA.md):
+  synthetic_captions: split, num_examples, skills, seed (as synthetic), num_positives, num_negatives (captions made
+               per clip; default: the pipeline's M and N)
+  caption_manifest: path (JSON, JSONL or a LAION webdataset folder), audio_root, dataset, strict,
+               caption_format ('plain' | 'compa': "pos;neg1;neg2" strings)
 An ml_collections ConfigDict or a plain dict both work.
 """
 from __future__ import annotations
 
 from typing import Any
 
-KINDS = ("synthetic", "manifest", "jsonl", "arrayrecord")
+KINDS = ("synthetic", "manifest", "jsonl", "arrayrecord", "synthetic_captions", "caption_manifest")
+CAPTION_KINDS = ("synthetic_captions", "caption_manifest")  # read by the AF-CLAP pipeline only
+PATHLESS_KINDS = ("synthetic", "synthetic_captions")
 DEFAULT_TRAIN_EXAMPLES = 20000
 DEFAULT_TEST_EXAMPLES = 512
 # The short skills the tiny curriculum teaches and evaluates (counting, temporal order, pitch): a CPU budget buys a
@@ -54,7 +62,7 @@ def validate(data_config: Any) -> list[dict]:
         kind = source.get("kind")
         if kind not in KINDS:
             raise ValueError(f"data config: sources[{k}].kind must be one of {KINDS}, got {kind!r}")
-        if kind != "synthetic" and not source.get("path"):
+        if kind not in PATHLESS_KINDS and not source.get("path"):
             raise ValueError(f"data config: sources[{k}] ({kind}) needs a 'path'")
         weight = source.get("weight", 1.0)
         if not isinstance(weight, (int, float)) or weight <= 0:

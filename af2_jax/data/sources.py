@@ -24,6 +24,24 @@ def make_source(source: dict):
         if not records:
             raise ValueError(f"{source['path']}: no usable records")
         return records
+    if kind == "synthetic_captions":  # AF-CLAP: clips with paraphrases and hard negatives (data/captions.py)
+        from af2_jax.data.captions import SyntheticCaptionSource
+        from af2_jax.data.synthetic import SHORT_SKILLS
+
+        return SyntheticCaptionSource(source.get("split", "train"), int(source.get("num_examples", 10000)),
+                                      seed=int(source.get("seed", 0)),
+                                      skills=tuple(source.get("skills") or SHORT_SKILLS),
+                                      num_positives=int(source.get("num_positives", 4)),
+                                      num_negatives=int(source.get("num_negatives", 4)))
+    if kind == "caption_manifest":  # AF-CLAP: JSON / JSONL / LAION webdataset folder of captioned audio
+        from af2_jax.data import caption_manifests
+
+        records = caption_manifests.read_caption_manifest(
+            source["path"], audio_root=source.get("audio_root"), dataset=source.get("dataset"),
+            strict=bool(source.get("strict", False)), caption_format=source.get("caption_format", "plain"))
+        if not records:
+            raise ValueError(f"{source['path']}: no usable caption records")
+        return records
     if kind == "arrayrecord":
         from af2_jax.data.tfds_builder import ArrayRecordSource
 
