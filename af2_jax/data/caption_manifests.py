@@ -77,8 +77,8 @@ def parse_caption_row(row: Any, *, where: str, root: pathlib.Path, dataset: str,
     negative_key, negative = manifests._pick(row, NEGATIVE_KEYS)
     if negative is not None:
         found = _texts(where, negative_key, negative, allow_empty=True)
-        if caption_format == "compa":
-            found = [p for text in found for p in _split_compa(where, negative_key, [text])[0]]
+        if caption_format == "compa":  # every part of a negative string is a negative
+            found = [p for text in found for part in _split_compa(where, negative_key, [text]) for p in part]
         negatives.extend(found)
     start_key, start = manifests._pick(row, manifests.START_KEYS)
     duration_key, duration = manifests._pick(row, manifests.DURATION_KEYS)

@@ -443,7 +443,7 @@ class SyntheticCaptionSource:
     {'captions': M paraphrases, 'negatives': N hard negatives, 'composition': [true, swapped] or None}. The captions
     are a pure function of (seed, split, i); the pipeline samples from them (af2_jax.data.clap_pipeline)."""
 
-    def __init__(self, split: str = "train", num_examples: int = 10000, *, seed: int = 0,
+    def __init__(self, split: str = "train", num_examples: int = 10000, seed: int = 0,
                  skills=synthetic.SHORT_SKILLS, num_positives: int = 4, num_negatives: int = 4):
         if num_examples < 1:
             raise ValueError(f"num_examples must be >= 1, got {num_examples}")

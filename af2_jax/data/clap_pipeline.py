@@ -179,8 +179,17 @@ class _ClapBatchIterDataset(bucketing.BucketBatchIterDataset):
 
 
 class _ClapBatchIterator(bucketing.BucketBatchIterator):
+    """Reuses the parent's reading, skip accounting and state; the batching policy is its own (CLAP rows have no
+    'windows' to group by), so every hook that would read them is replaced here."""
 
     def _windows_at(self, position: int) -> int:
+        return 1
+
+    def _choose_batch(self) -> list[int] | None:
+        """The oldest batch_size pending examples, as soon as there are that many (no length grouping)."""
+        return list(range(self._batch_size)) if len(self._pending) >= self._batch_size else None
+
+    def _audios_at(self, position: int) -> int:  # one clip per row, whatever its length
         return 1
 
     def _emit(self, positions: list[int]) -> dict[str, Any]:

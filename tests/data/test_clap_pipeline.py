@@ -119,6 +119,9 @@ def test_caption_manifest_formats_and_errors(tmp_path, caplog):
     (record,) = caption_manifests.read_caption_manifest(compa, caption_format="compa")
     assert record["captions"] == ["a dog then a cat"] and record["negatives"] == ["a cat then a dog", "a cow"]
     assert record["audio"] == str(sub / "a.wav")
+    both = write_jsonl(sub / "both.jsonl", [{"audio": "a.wav", "text": "p;n1", "negatives": ["n2;n3", "n4"]}])
+    (record,) = caption_manifests.read_caption_manifest(both, caption_format="compa")
+    assert record["captions"] == ["p"] and record["negatives"] == ["n1", "n2", "n3", "n4"]
 
     af2 = sub / "train.json"
     af2.write_text(json.dumps({"dataset_path": "/data/clotho", "split_path": "audio", "flamingo_task": "Clotho-Caps",
