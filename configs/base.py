@@ -87,6 +87,9 @@ def stage_config(stage: int, preset: str = "tiny") -> ml_collections.ConfigDict:
     # '' = random (tiny); real stage 1: 'llm=<converted Qwen2.5>,htsat=<converted AF-CLAP>'; stages 2-3: the
     # previous stage's workdir (its final/ export, or its newest checkpoint).
     c.init_from = ""
+    # frozen parameters that may keep their random initialisation when init_from loads the others: the tiny LLM is
+    # random by design (stage 1 then starts from AF-CLAP's HTSAT alone); a real preset's never is
+    c.random_frozen_ok = ("llm/.*",) if tiny else ()
     c.tokenizer = ""  # '' = the synthetic dataset's tiny tokenizer; real presets: the Qwen2.5 tokenizer directory
 
     c.data = ml_collections.ConfigDict(_default_data(stage, tiny))

@@ -1,14 +1,19 @@
-"""The whole AF2 curriculum in one command: stage 1 -> 2 -> 3, each starting from the one before, then evaluation.
+"""The whole AF2 recipe in one command: AF-CLAP pretraining, then curriculum stage 1 -> 2 -> 3, each starting from
+the one before, with evaluation along the way.
 
     python launch/curriculum.py --preset tiny --workdir runs/tiny
-    python launch/curriculum.py --preset tiny --workdir runs/quick --stage1-steps 50 --stage2-steps 50 \
-        --stage3-steps 20 --set 3:max_windows=6
+    python launch/curriculum.py --preset tiny --workdir runs/quick --clap-steps 20 --stage1-steps 50 \
+        --stage2-steps 50 --stage3-steps 20 --set 3:max_windows=6
 
-Each stage trains in <workdir>/stageN (configs/stageN.py:PRESET, what launch/train.py runs) with init_from set to
-the previous stage's workdir. After stages 2 and 3 the model answers the synthetic test split of the skills that
-stage trained (eval_stageN.json); the per-skill accuracy is printed next to chance. The loss curves of all stages
-go to training_curves.png and a summary to results.json. Re-running the same command resumes where it stopped
-(a finished stage is not trained again); delete a stage's folder to retrain it.
+The tiny preset first pretrains a tiny AF-CLAP on the synthetic captions (configs/clap.py, in <workdir>/clap), as
+the real recipe starts from AF-CLAP: stage 1 takes its audio half (`init_from=htsat=<workdir>/clap`); --no-clap
+starts stage 1 from a random HTSAT instead (real presets start from converted weights). Each stage trains in
+<workdir>/stageN (configs/stageN.py:PRESET, what launch/train.py runs) with init_from set to the previous stage's
+workdir. AF-CLAP is evaluated on the synthetic caption test split (retrieval, composition: eval_clap.json); after
+stages 2 and 3 the model answers the synthetic test split of the skills that stage trained (eval_stageN.json), the
+per-skill accuracy printed next to chance. The loss curves go to training_curves.png and a summary to
+results.json. Re-running the same command resumes where it stopped (a finished stage is not trained again); delete
+a stage's folder to retrain it.
 """
 from __future__ import annotations
 
@@ -17,12 +22,14 @@ import ast
 import os
 import pathlib
 import sys
+import time
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-STAGES = (1, 2, 3)
-EVALUATED_STAGES = (2, 3)
+STAGES = (0, 1, 2, 3)  # 0: AF-CLAP pretraining
+CLAP = 0
+EVALUATED_STAGES = (0, 2, 3)
 PLOT_FILE = "training_curves.png"
 RESULTS_FILE = "results.json"
 
@@ -30,15 +37,22 @@ RESULTS_FILE = "results.json"
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="tiny", help="model/recipe preset of configs/stageN.py (tiny, 0.5b, ...)")
-    p.add_argument("--workdir", required=True, help="run folder: stage1/, stage2/, stage3/, results, plot")
-    for stage in STAGES:
+    p.add_argument("--workdir", required=True, help="run folder: clap/, stage1/, stage2/, stage3/, results, plot")
+    p.add_argument("--seed", type=int, default=None, help="every stage's seed: initialisation, data order, dropout "
+                                                          "(default: the configs', 0)")
+    p.add_argument("--clap", action=argparse.BooleanOptionalAction, default=None,
+                   help="pretrain AF-CLAP first and start stage 1 from its HTSAT (default: on for tiny)")
+    p.add_argument("--clap-steps", type=int, default=None, help="AF-CLAP pretraining steps (default: config)")
+    for stage in STAGES[1:]:
         p.add_argument(f"--stage{stage}-steps", type=int, default=None, help=f"stage {stage} steps (default: config)")
     p.add_argument("--set", action="append", default=[], metavar="STAGE:KEY=VALUE",
-                   help="override a config field of one stage (or 'all:'), e.g. 3:max_windows=6; repeatable")
+                   help="override a config field of one stage (clap, 1, 2, 3 or all), e.g. 3:max_windows=6; "
+                        "repeatable")
     p.add_argument("--eval-examples-per-skill", type=int, default=50,
                    help="short-audio test examples per skill (one window each: cheap)")
     p.add_argument("--eval-long-examples-per-skill", type=int, default=40,
                    help="long-audio test examples per skill (5 min: each costs 30 HTSAT windows)")
+    p.add_argument("--eval-clap-examples", type=int, default=200, help="AF-CLAP test clips (two captions each)")
     p.add_argument("--eval-batch-size", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=24, help="the synthetic answers are a few tokens long")
     p.add_argument("--compilation-cache", default=None, metavar="DIR",
@@ -59,13 +73,13 @@ def parse_overrides(entries) -> dict[int, list[tuple[str, object]]]:
     for entry in entries:
         where, sep, assignment = entry.partition(":")
         key, eq, text = assignment.partition("=")
-        if not sep or not eq or not key or where not in ("all", *map(str, STAGES)):
-            raise SystemExit(f"error: --set {entry!r}: expected STAGE:KEY=VALUE with STAGE in 1, 2, 3 or all")
+        if not sep or not eq or not key or where not in ("all", "clap", *map(str, STAGES[1:])):
+            raise SystemExit(f"error: --set {entry!r}: expected STAGE:KEY=VALUE with STAGE in clap, 1, 2, 3 or all")
         try:
             value = ast.literal_eval(text)
         except (ValueError, SyntaxError):
             value = text  # a bare string such as a path
-        for stage in STAGES if where == "all" else (int(where),):
+        for stage in STAGES if where == "all" else ((CLAP,) if where == "clap" else (int(where),)):
             overrides[stage].append((key.strip(), value))
     return overrides
 
@@ -83,25 +97,37 @@ def set_field(cfg, dotted: str, value) -> None:
         raise SystemExit(f"error: --set {dotted}={value!r}: {e}") from None
 
 
+def uses_clap(args) -> bool:
+    return args.preset == "tiny" if args.clap is None else args.clap
+
+
 def stage_config(args, stage: int, overrides) -> object:
     from af2_jax.training.run_config import load_stage_config
 
-    try:
-        cfg = load_stage_config(stage, args.preset)
+    try:  # real presets pretrain the large AF-CLAP (if asked to: they normally start from NVIDIA's)
+        cfg = load_stage_config(stage, args.preset if stage != CLAP or args.preset == "tiny" else "large")
     except ValueError as e:  # an unknown preset
         raise SystemExit(f"error: --preset: {e}") from None
     if stage > 1:  # the curriculum's point: start from what the previous stage learnt
         cfg.init_from = str(stage_dir(args.workdir, stage - 1))
-    steps = getattr(args, f"stage{stage}_steps")
+    elif stage == 1 and uses_clap(args):  # as the real recipe starts from AF-CLAP: its audio half
+        cfg.init_from = f"htsat={stage_dir(args.workdir, CLAP)}"
+    steps = args.clap_steps if stage == CLAP else getattr(args, f"stage{stage}_steps")
     if steps is not None:
         cfg.num_steps = steps
+    if args.seed is not None:
+        cfg.seed = args.seed
     for key, value in overrides[stage]:
         set_field(cfg, key, value)
     return cfg
 
 
 def stage_dir(workdir, stage: int) -> pathlib.Path:
-    return pathlib.Path(workdir).absolute() / f"stage{stage}"
+    return pathlib.Path(workdir).absolute() / ("clap" if stage == CLAP else f"stage{stage}")
+
+
+def stage_name(stage: int) -> str:
+    return "AF-CLAP pretraining" if stage == CLAP else f"stage {stage}"
 
 
 def evaluate_stage(args, stage: int, cfg) -> dict:
@@ -135,6 +161,22 @@ def evaluate_stage(args, stage: int, cfg) -> dict:
     print(f"\nstage {stage} evaluation ({len(records)} synthetic test examples):")
     print(report.format_table(payload["tasks"], payload["overall"]))
     return payload
+
+
+def evaluate_clap(args) -> dict:
+    """AF-CLAP's retrieval, zero-shot counting and composition test on the synthetic caption test split."""
+    from af2_jax import pretrained
+    from af2_jax.data.captions import SyntheticCaptionSource
+    from af2_jax.evaluation import clap_eval, report
+
+    model_dir = pretrained.resolve(stage_dir(args.workdir, CLAP))
+    source = SyntheticCaptionSource("test", args.eval_clap_examples, seed=0, num_positives=2, num_negatives=0)
+    results = clap_eval.evaluate(pretrained.load_model(model_dir), pretrained.load_tokenizer(model_dir),
+                                 [source[i] for i in range(len(source))], progress=not args.no_progress)
+    report.write_json(pathlib.Path(args.workdir) / "eval_clap.json", {"checkpoint": str(model_dir), **results})
+    print(f"\nAF-CLAP evaluation ({results['clips']} synthetic test clips, {results['captions']} captions):")
+    print(clap_eval.format_results(results))
+    return results
 
 
 def use_cpu_devices(count: int) -> None:
@@ -190,34 +232,45 @@ def main(argv=None) -> dict:
 
     workdir = pathlib.Path(args.workdir).absolute()
     overrides = parse_overrides(args.set)
+    stages = STAGES if uses_clap(args) else STAGES[1:]
     configs = {}
-    for stage in STAGES:  # every stage's config is checked before anything is created
+    for stage in stages:  # every stage's config is checked before anything is created
         configs[stage] = stage_config(args, stage, overrides)
         try:
             validate(configs[stage])
         except ConfigError as e:
-            raise SystemExit(f"error: stage {stage}: {e}") from None
+            raise SystemExit(f"error: {stage_name(stage)}: {e}") from None
     workdir.mkdir(parents=True, exist_ok=True)
     use_compilation_cache(workdir / "jax_cache" if args.compilation_cache is None else args.compilation_cache)
     summary = {"preset": args.preset, "workdir": str(workdir), "stages": {}, "evaluations": {}}
     evaluations: dict[int, dict] = {}
-    for stage in STAGES:
+    for stage in stages:
         cfg = configs[stage]
-        print(f"\n=== stage {stage}: {cfg.num_steps} steps, {cfg.max_windows} windows, "
+        windows = "" if stage == CLAP else f", {cfg.max_windows} windows"
+        print(f"\n=== {stage_name(stage)}: {cfg.num_steps} steps{windows}, seed {cfg.seed}, "
               f"init_from={cfg.init_from or '(random / config)'} -> {stage_dir(workdir, stage)}", flush=True)
+        started = time.perf_counter()
         result = loop.train(cfg, stage_dir(workdir, stage))
         if result.status != "finished":
-            print(f"stage {stage} {result.status} at step {result.last_step}; re-run the same command to resume")
+            print(f"{stage_name(stage)} {result.status} at step {result.last_step}; re-run the same command to "
+                  f"resume")
             raise SystemExit(1)
-        summary["stages"][str(stage)] = {"workdir": str(stage_dir(workdir, stage)), "num_steps": cfg.num_steps,
-                                         "init_from": cfg.init_from, "max_windows": cfg.max_windows}
+        key = "clap" if stage == CLAP else str(stage)
+        summary["stages"][key] = {"workdir": str(stage_dir(workdir, stage)), "num_steps": cfg.num_steps,
+                                  "init_from": cfg.init_from, "seed": cfg.seed,
+                                  "train_minutes": round((time.perf_counter() - started) / 60, 2)}
         if stage in EVALUATED_STAGES and not args.no_eval:
-            evaluations[stage] = evaluate_stage(args, stage, cfg)
-            summary["evaluations"][str(stage)] = {"file": str(workdir / f"eval_stage{stage}.json"),
-                                                  "tasks": evaluations[stage]["tasks"],
-                                                  "overall": evaluations[stage]["overall"]}
+            started = time.perf_counter()
+            if stage == CLAP:
+                summary["evaluations"]["clap"] = evaluate_clap(args)
+            else:
+                evaluations[stage] = evaluate_stage(args, stage, cfg)
+                summary["evaluations"][key] = {"file": str(workdir / f"eval_stage{stage}.json"),
+                                               "tasks": evaluations[stage]["tasks"],
+                                               "overall": evaluations[stage]["overall"]}
+            summary["stages"][key]["eval_minutes"] = round((time.perf_counter() - started) / 60, 2)
 
-    stage_metrics = {f"stage {s}": curves.read_metrics(stage_dir(workdir, s) / METRICS_FILE) for s in STAGES
+    stage_metrics = {stage_name(s): curves.read_metrics(stage_dir(workdir, s) / METRICS_FILE) for s in stages
                      if (stage_dir(workdir, s) / METRICS_FILE).is_file()}
     plot = curves.plot_training_curves(stage_metrics, workdir / PLOT_FILE, title=f"AF2 {args.preset} curriculum")
     summary["plot"] = str(plot)

@@ -472,6 +472,7 @@ class SyntheticCaptionSource:
             "negatives": negative_captions(facts, rng, self.num_negatives),
             "composition": list(pair) if pair else None,
             "skill": record["skill"],
+            "events": record["events"],  # the evaluation's zero-shot classes are built from them
             "start": 0.0,
             "duration": record["duration"],
             "dataset": "synthetic_captions",

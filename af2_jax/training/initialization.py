@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import pathlib
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -71,12 +71,12 @@ def random_init_params(run: Any) -> dict[str, np.ndarray]:
     What a run that started from random weights froze is this, and never saved."""
     import ml_collections
 
-    from af2_jax.tokenizer import load_tokenizer
+    from af2_jax.training import tasks
     from af2_jax.training.train_state import cast_frozen_params
 
-    cfg = ml_collections.ConfigDict(run)
-    config = model_config(cfg.model, max_windows=cfg.max_windows, tokenizer=load_tokenizer(cfg.tokenizer))
-    make = model_factory(config, cfg.seed)
+    cfg = ml_collections.ConfigDict({"task": "af2", **run})  # runs from before the task field trained AF2
+    task = tasks.task_of(cfg)
+    make = task.build(task.model_config(cfg, task.tokenizer(cfg)), cfg.seed)
     state = jax.jit(lambda: cast_frozen_params(nnx.state(make(), nnx.Not(nnx.RngState)),
                                                DTYPES[cfg.frozen_param_dtype]))()
     return {k: np.asarray(v) for k, v in param_tree.model_params(state).items()}
@@ -136,9 +136,14 @@ def covers(trees: Mapping[str, Any], flat: Mapping[str, np.ndarray]) -> bool:
 
 
 def apply_params(trees: Mapping[str, Any], shardings: Mapping[str, Any], flat: Mapping[str, np.ndarray], *,
-                 require_frozen: bool) -> dict[str, Any]:
+                 random_frozen_ok: Sequence[str] = ()) -> dict[str, Any]:
     """Replaces the leaves of `trees` (name -> nnx.State: trainable, batch_stats, frozen) found in `flat` by those
-    arrays, cast to the leaf's dtype and placed with its sharding (each host reads only its shards' slices)."""
+    arrays, cast to the leaf's dtype and placed with its sharding (each host reads only its shards' slices). A
+    frozen Param missing from `flat` is an error unless its path matches a pattern of `random_frozen_ok` (the tiny
+    recipe's LLM, random by design)."""
+    from af2_jax.training.stages import PathMatcher
+
+    random_ok = PathMatcher(random_frozen_ok)
     unused = set(flat)
     missing_frozen = []
     out = {}
@@ -146,7 +151,7 @@ def apply_params(trees: Mapping[str, Any], shardings: Mapping[str, Any], flat: M
         def load(path, leaf, sharding, name=name):
             key = path_string(path)
             if key not in flat:
-                if name == "frozen" and isinstance(leaf, nnx.Param):
+                if name == "frozen" and isinstance(leaf, nnx.Param) and not random_ok(key):
                     missing_frozen.append(key)
                 return leaf
             unused.discard(key)
@@ -160,7 +165,7 @@ def apply_params(trees: Mapping[str, Any], shardings: Mapping[str, Any], flat: M
                                                      is_leaf=lambda x: isinstance(x, nnx.Variable))
     if unused:
         raise InitFromError(f"init_from: {len(unused)} arrays match no model variable: {sorted(unused)[:20]}")
-    if require_frozen and missing_frozen:
+    if missing_frozen:
         raise InitFromError(f"init_from: {len(missing_frozen)} frozen parameters are not loaded (they would stay "
-                         f"random): {missing_frozen[:20]}")
+                            f"random): {missing_frozen[:20]}")
     return out

@@ -117,7 +117,8 @@ def train(cfg: Any, workdir: str | pathlib.Path, *, make_iterator: Callable[...,
     tx = optimizer.make_optimizer(cfg.optimizer, patterns, cfg.num_steps)
     init_params = initialization.read_init_from(cfg.init_from) if cfg.init_from else None
     split, state, frozen, shardings = train_state.create_train_state(
-        make_model, patterns, tx, mesh, initialization.DTYPES[cfg.frozen_param_dtype], params=init_params)
+        make_model, patterns, tx, mesh, initialization.DTYPES[cfg.frozen_param_dtype], params=init_params,
+        random_frozen_ok=tuple(cfg.random_frozen_ok))
 
     rows_per_step = cfg.batch_size * cfg.grad_accum_steps
     if rows_per_step % jax.process_count():

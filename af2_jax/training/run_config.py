@@ -20,8 +20,9 @@ class ConfigError(ValueError):
 
 
 def load_stage_config(stage: int, preset: str = "tiny"):
-    """configs/stageN.py's get_config(preset), loaded by path as launch/train.py's --config flag loads it."""
-    path = CONFIGS_DIR / f"stage{stage}.py"
+    """configs/stageN.py's get_config(preset) (stage 0: configs/clap.py, AF-CLAP's pretraining), loaded by path as
+    launch/train.py's --config flag loads it."""
+    path = CONFIGS_DIR / ("clap.py" if stage == 0 else f"stage{stage}.py")
     spec = importlib.util.spec_from_file_location(f"af2_configs_stage{stage}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -98,9 +98,10 @@ def abstract_train_state(make_model: Callable[[], nnx.Module], trainable_pattern
 
 def create_train_state(make_model: Callable[[], nnx.Module], trainable_patterns: Sequence[str],
                        tx: optax.GradientTransformation, mesh: Mesh, frozen_dtype: Any = jnp.float32,
-                       params: Mapping[str, np.ndarray] | None = None):
+                       params: Mapping[str, np.ndarray] | None = None, random_frozen_ok: Sequence[str] = ()):
     """The train state created straight into its shardings on `mesh`: random initialisation inside jit, with the
-    arrays of `params` (flat '/'-pathed, see `initialization.apply_params`) laid over it. When `params` holds every
+    arrays of `params` (flat '/'-pathed, see `initialization.apply_params`; frozen parameters not in them must match
+    `random_frozen_ok`) laid over it. When `params` holds every
     variable of the model, no random initialisation is compiled or run at all (a stage starting from the previous
     one's export).
 
@@ -124,7 +125,7 @@ def create_train_state(make_model: Callable[[], nnx.Module], trainable_patterns:
             state, frozen = jax.jit(init, out_shardings=shardings)()
     if params:
         loaded = initialization.apply_params(variables(state, frozen), variables(*shardings), params,
-                                             require_frozen=True)
+                                             random_frozen_ok=random_frozen_ok)
         state = {**state, "trainable": loaded["trainable"], "batch_stats": loaded["batch_stats"]}
         frozen = loaded["frozen"]
     if complete:  # the optimizer state of the loaded weights
