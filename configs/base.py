@@ -71,10 +71,12 @@ def stage_config(stage: int, preset: str = "tiny") -> ml_collections.ConfigDict:
         # Off for tiny: it lifts counting to 96% but leaves pitch at chance (RESULTS.md, session 4).
         calibrate_input_norm=False,
         # > 0: HTSAT's final LayerNorm set so that its tokens over the run's first batches have mean 0 and this
-        # standard deviation per channel, when it starts from a random HTSAT (training/feature_norm.py): a random
-        # encoder's events then stand out as a pretrained one's do. Tiny: 0.3 keeps the time embedding (amplitude 1)
-        # strong enough for pitch to learn early, and counting learns too (RESULTS.md, session 6). 0 = off.
-        calibrate_feature_norm=0.3 if tiny else 0.0,
+        # standard deviation per channel (training/feature_norm.py), before step 0: a random (or briefly
+        # pretrained tiny AF-CLAP) encoder's events then stand out as a pretrained one's do. Tiny: 0.3 keeps the
+        # time embedding (amplitude 1) strong enough for pitch to learn early, and counting learns too (RESULTS.md,
+        # session 6). Stage 1 only: later stages start from its calibrated HTSAT (a resumed run reads its saved
+        # values). 0 = off.
+        calibrate_feature_norm=0.3 if tiny and stage == 1 else 0.0,
     ))
     c.trainable = TINY_TRAINABLE[stage] if tiny else STAGE_TRAINABLE[stage]
     c.frozen_param_dtype = "float32" if tiny else "bfloat16"

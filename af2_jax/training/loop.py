@@ -137,7 +137,7 @@ def train(cfg: Any, workdir: str | pathlib.Path, *, make_iterator: Callable[...,
     elif task.name == "af2" and cfg.model.calibrate_input_norm and input_norm.BN0_MEAN not in (init_params or {}):
         state["batch_stats"] = _calibrate_input_norm(cfg, tokenizer, rows_per_step // jax.process_count(),
                                                       state["batch_stats"], make_iterator)
-    if task.name == "af2" and cfg.model.calibrate_feature_norm and feature_norm.NORM_SCALE not in (init_params or {}):
+    if task.name == "af2" and cfg.model.calibrate_feature_norm:
         frozen = _calibrate_feature_norm(cfg, tokenizer, rows_per_step // jax.process_count(), mesh, split, state,
                                          frozen, make_iterator, workdir, resumed=restored is not None)
 

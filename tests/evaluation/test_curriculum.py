@@ -30,9 +30,10 @@ def test_parse_overrides():
     curriculum = _curriculum()
     got = curriculum.parse_overrides(["3:max_windows=6", "all:seed=1", "2:tokenizer=/tmp/tok",
                                       "1:optimizer.learning_rate=0.0"])
-    assert got == {1: [("seed", 1), ("optimizer.learning_rate", 0.0)], 2: [("seed", 1), ("tokenizer", "/tmp/tok")],
-                   3: [("max_windows", 6), ("seed", 1)]}
-    for bad in ("max_windows=6", "4:seed=1", "2:seed"):
+    assert got == {0: [("seed", 1)], 1: [("seed", 1), ("optimizer.learning_rate", 0.0)],
+                   2: [("seed", 1), ("tokenizer", "/tmp/tok")], 3: [("max_windows", 6), ("seed", 1)]}
+    assert curriculum.parse_overrides(["clap:batch_size=4"])[0] == [("batch_size", 4)]  # stage 0 = AF-CLAP
+    for bad in ("max_windows=6", "4:seed=1", "2:seed", "0:seed=1"):
         with pytest.raises(SystemExit):
             curriculum.parse_overrides([bad])
 
@@ -58,10 +59,13 @@ def test_stage_configs_chain_init_from_and_take_overrides(tmp_path):
     args = curriculum.build_parser().parse_args(["--workdir", str(tmp_path), "--stage2-steps", "7",
                                                  "--set", "2:optimizer.learning_rate=0.0"])
     overrides = curriculum.parse_overrides(args.set)
-    configs = {s: curriculum.stage_config(args, s, overrides) for s in (1, 2, 3)}
-    assert configs[1].init_from == ""
+    configs = {s: curriculum.stage_config(args, s, overrides) for s in (0, 1, 2, 3)}
+    assert configs[0].task == "afclap" and configs[0].init_from == ""
+    assert configs[1].init_from == f"htsat={tmp_path / 'clap'}"  # the tiny recipe starts from its AF-CLAP
     assert configs[2].init_from == str(tmp_path / "stage1") and configs[3].init_from == str(tmp_path / "stage2")
     assert configs[2].num_steps == 7 and configs[2].optimizer.learning_rate == 0.0
+    no_clap = curriculum.build_parser().parse_args(["--workdir", str(tmp_path), "--no-clap"])
+    assert curriculum.stage_config(no_clap, 1, overrides).init_from == ""
     with pytest.raises(SystemExit, match="no field"):
         curriculum.stage_config(args, 1, curriculum.parse_overrides(["1:optimizer.nonexistent=1"]))
 
@@ -81,6 +85,7 @@ def test_curriculum_runs_three_chained_stages_and_reports(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env["XLA_FLAGS"] = "--xla_backend_optimization_level=0"  # compile fast, as tests/conftest.py
     command = [sys.executable, str(REPO / "launch" / "curriculum.py"), "--preset", "tiny", "--workdir", str(workdir),
+               "--clap-steps", "2", "--set", "clap:batch_size=4", "--eval-clap-examples", "4",
                "--stage1-steps", "3", "--stage2-steps", "2", "--stage3-steps", "2",
                "--set", "2:optimizer.learning_rate=0.0", "--set", "3:optimizer.learning_rate=0.0",
                "--set", "3:max_windows=1", "--set", "3:batch_size=8",
@@ -93,6 +98,15 @@ def test_curriculum_runs_three_chained_stages_and_reports(tmp_path):
     stage = {s: _text_side_params(workdir / f"stage{s}") for s in (1, 2, 3)}
     gates = [k for k in stage[1] if k.endswith("attn_gate")]
     assert gates and any(np.any(stage[1][k] != 0) for k in gates), "stage 1 did not move the gates from 0"
+    # stage 1 starts from the AF-CLAP stage's audio half and keeps it frozen (BatchNorm statistics aside)
+    _, clap_params = pretrained.load(workdir / "clap" / "final")
+    _, stage1_params = pretrained.load(workdir / "stage1" / "final")
+    kernels = [k for k in clap_params if k.startswith("htsat/") and k.endswith("kernel")]
+    assert kernels and all(k in stage1_params for k in kernels)
+    for key in kernels:
+        np.testing.assert_array_equal(np.asarray(stage1_params[key]), np.asarray(clap_params[key]), err_msg=key)
+    assert json.loads((workdir / "stage1" / "run_config.json").read_text())["init_from"] == \
+        f"htsat={workdir / 'clap'}"
     for later in (2, 3):
         assert stage[later].keys() == stage[1].keys()
         for key, value in stage[later - 1].items():
@@ -107,7 +121,9 @@ def test_curriculum_runs_three_chained_stages_and_reports(tmp_path):
 
     results = report.read_json(workdir / "results.json")
     assert results["plot"] == str(workdir / "training_curves.png")
-    assert set(results["evaluations"]) == {"2", "3"}
+    assert set(results["evaluations"]) == {"clap", "2", "3"}
+    clap = results["evaluations"]["clap"]
+    assert clap["clips"] == 4 and {"audio_to_text_R@1", "text_to_audio_R@10"} <= set(clap)
     short = {"count", "order", "pitch"}  # the skills the issue asks the tiny curriculum to teach
     assert set(results["evaluations"]["2"]["tasks"]) == short
     assert set(results["evaluations"]["3"]["tasks"]) == short | {"long_order"}
