@@ -18,7 +18,7 @@ def main(coordinator: str, process_id: int, workdir: str, max_steps: int):
 
     distributed.initialize(coordinator, num_processes=2, process_id=process_id)
     assert jax.process_count() == 2 and jax.device_count() == 8
-    cfg = stage_config(2, num_steps=3, export_final=False, **{"mesh.data": 2, "mesh.fsdp": 4})
+    cfg = stage_config(1, num_steps=3, export_final=False, **{"mesh.data": 2, "mesh.fsdp": 4})
     result = loop.train(cfg, workdir, make_iterator=random_batches(), max_steps=max_steps)
     print(json.dumps({"status": result.status, "steps": [r["step"] for r in result.records] if process_id == 0
                       else None, "losses": [r["loss"] for r in result.records]}))

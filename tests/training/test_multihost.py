@@ -53,7 +53,7 @@ def test_two_processes_train_checkpoint_and_resume(tmp_path):
     for o in (first, second):
         assert o[0]["losses"] == o[1]["losses"]  # every process reads the same replicated metrics
 
-    cfg = stage_config(2, num_steps=3, export_final=False, **{"mesh.data": 2, "mesh.fsdp": 4})
+    cfg = stage_config(1, num_steps=3, export_final=False, **{"mesh.data": 2, "mesh.fsdp": 4})
     single = loop.train(cfg, tmp_path / "single", make_iterator=random_batches())
     np.testing.assert_allclose(first[0]["losses"] + second[0]["losses"], [r["loss"] for r in single.records],
                                rtol=0, atol=1e-5)

@@ -18,7 +18,7 @@ def _sigterm_at(batch_index):
 
 
 def test_sigterm_then_resume_reproduces_uninterrupted_run(tmp_path):
-    cfg = stage_config(2, num_steps=5, export_final=False)
+    cfg = stage_config(1, num_steps=5, export_final=False)
     reference = loop.train(cfg, tmp_path / "uninterrupted", make_iterator=random_batches())
     assert reference.status == "finished"
     reference_losses = [r["loss"] for r in reference.records]
