@@ -203,3 +203,110 @@ def extract_answer(text: str) -> str:
     for token in (EOS_TOKEN, PAD_TOKEN, END_OF_CHUNK_TOKEN):
         answer = answer.replace(token, "")
     return answer.strip()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Several audios per text: Audio Flamingo 1's in-context-learning and chat formats with AF2's special tokens
+# (../shared/docs/af1_reference.md sections 3 and 5; docs/ICL.md). AF1 writes a BOS and a "\nAnswer:" suffix; AF2 has
+# neither (no BOS, `<SEP>` marks the answer), so both are left out. Text is lowercased and stripped as in AF2.
+
+ICL_INTRO = {"similar": "here are similar examples. ", "random": "here are random examples. "}
+CHAT_PREFIX = "the task is dialog. "
+COT_SUFFIX = " Output the answer with <SUMMARY>, <CAPTION>, <REASONING>, and <CONCLUSION> tags."
+COT_MAX_LEN = 1024  # the SoundCoT model's prompt and generation limit (af2_reference.md section 5)
+
+
+def _clean(text: str) -> str:
+    if not isinstance(text, str):
+        raise TypeError(f"expected a string, got {type(text).__name__}")
+    return text.lower().strip()
+
+
+def _icl_head(kind: str, task: str | None) -> str:
+    if kind not in ICL_INTRO:
+        raise ValueError(f"ICL examples are {sorted(ICL_INTRO)}, got {kind!r}")
+    prefix = f"the task is {_clean(task)}. " if task else ""
+    return ICL_INTRO[kind] + prefix
+
+
+def format_icl_prompt(examples: Sequence[tuple[str, str]], prompt: str, *, kind: str = "similar",
+                      task: str | None = None) -> str:
+    """The inference text of a few-shot prompt: `here are similar examples. ` (AF1's intro; `random` for randomly
+    drawn examples), optionally `the task is {task}. `, then `<audio>{prompt_i}<SEP>{answer_i}<|endofchunk|>` per
+    (prompt, answer) example and the query `<audio>{prompt}<SEP>`: one `<audio>` per clip, the query's last."""
+    shots = "".join(AUDIO_TOKEN + _clean(p) + SEP_TOKEN + _clean(a) + END_OF_CHUNK_TOKEN for p, a in examples)
+    return _icl_head(kind, task) + shots + AUDIO_TOKEN + _clean(prompt) + SEP_TOKEN
+
+
+def format_icl_example(examples: Sequence[tuple[str, str]], prompt: str, answer: str, *, kind: str = "similar",
+                       task: str | None = None) -> str:
+    """The training text of a few-shot sample: `format_icl_prompt` + `{answer}<|endofchunk|><|endoftext|>`."""
+    return format_icl_prompt(examples, prompt, kind=kind, task=task) + _clean(answer) + END_OF_CHUNK_TOKEN + EOS_TOKEN
+
+
+def encode_icl_example(tok: AF2Tokenizer, examples: Sequence[tuple[str, str]], prompt: str, answer: str, *,
+                       kind: str = "similar", task: str | None = None, max_len: int = DEFAULT_MAX_LEN
+                       ) -> tuple[list[int], list[int], int]:
+    """(ids, loss_mask, examples kept) of a few-shot sample. Every answer is a target (AF1 trains on the examples'
+    answers too: `answer_loss_mask`). A text over `max_len` drops its FIRST examples until it fits, so the query and
+    its answer are never cut and the `<audio>` count stays that of the clips kept (the last `kept` examples); AF1
+    truncates the end instead, which can cut the query. Raises PromptTooLongError when the query alone is too long."""
+    examples = list(examples)
+    for first in range(len(examples) + 1):
+        ids = tok.encode(format_icl_example(examples[first:], prompt, answer, kind=kind, task=task))
+        if len(ids) <= max_len:
+            return ids, answer_loss_mask(tok, ids), len(examples) - first
+    raise PromptTooLongError(f"the query alone is {len(ids)} tokens long, the limit is {max_len}")
+
+
+def chat_round_text(user: str, assistant: str | None = None, audios: int = 0) -> str:
+    """One chat round, AF1's layout with AF2's tokens: the `<audio>` tokens of the clips attached at this round
+    (AF1 puts its one clip before the first `user:`), `user: {q} \\nassistant: <SEP>`, and when answered
+    `{a}<|endofchunk|><|endoftext|>\\n` (AF1 ends every answer with an eos, and trains on it)."""
+    if audios < 0:
+        raise ValueError(f"audios must be >= 0, got {audios}")
+    text = AUDIO_TOKEN * audios + "user: " + _clean(user) + " \nassistant: " + SEP_TOKEN
+    if assistant is None:
+        return text
+    return text + _clean(assistant) + END_OF_CHUNK_TOKEN + EOS_TOKEN + "\n"
+
+
+def _chat_audio_counts(rounds: int, audio_turns: Sequence[int] | None) -> list[int]:
+    counts = [0] * rounds
+    for turn in (audio_turns if audio_turns is not None else [0]):
+        if not 0 <= int(turn) < rounds:
+            raise ValueError(f"an audio attached at round {turn} of a {rounds}-round dialogue")
+        counts[int(turn)] += 1
+    return counts
+
+
+def format_chat(dialogue: Sequence[tuple[str, str]], *, audio_turns: Sequence[int] | None = None) -> str:
+    """The training text of a dialogue of (user, assistant) rounds: `the task is dialog. ` then every round
+    (`chat_round_text`). `audio_turns[i]` is the round clip i is attached to (default: one clip, at round 0)."""
+    if not dialogue:
+        raise ValueError("a dialogue needs at least one round")
+    counts = _chat_audio_counts(len(dialogue), audio_turns)
+    return CHAT_PREFIX + "".join(chat_round_text(u, a, n) for (u, a), n in zip(dialogue, counts))
+
+
+def format_chat_prompt(history: Sequence[tuple[str, str]], question: str, *,
+                       audio_turns: Sequence[int] | None = None) -> str:
+    """The inference text of the next chat turn: the answered rounds of `history`, then `question` up to
+    `assistant: <SEP>` (AF1 rebuilds this every turn). `audio_turns` index rounds of history + [question]."""
+    counts = _chat_audio_counts(len(history) + 1, audio_turns)
+    rounds = [chat_round_text(u, a, n) for (u, a), n in zip(history, counts)]
+    return CHAT_PREFIX + "".join(rounds) + chat_round_text(question, None, counts[-1])
+
+
+def encode_chat(tok: AF2Tokenizer, dialogue: Sequence[tuple[str, str]], *, audio_turns: Sequence[int] | None = None,
+                max_len: int = DEFAULT_MAX_LEN) -> tuple[list[int], list[int]]:
+    """(ids, loss_mask) of a dialogue, truncated to `max_len` (as AF1: an answer cut off is not a target); every
+    assistant answer with its `<|endofchunk|>` and eos is a target (`answer_loss_mask`)."""
+    ids = tok.encode(format_chat(dialogue, audio_turns=audio_turns))[:max_len]
+    return ids, answer_loss_mask(tok, ids)
+
+
+def cot_prompt(prompt: str) -> str:
+    """The AF2-SoundCoT question: the prompt with the reference's tag instruction appended (lowercased later, as
+    every AF2 prompt)."""
+    return prompt.rstrip() + COT_SUFFIX

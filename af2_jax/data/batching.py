@@ -6,6 +6,11 @@ Keys and dtypes (the train and eval steps rely on exactly these):
 where W = the largest window count in the batch, or `num_windows` (a window bucket) when given (padded windows are
 zeros with mask 0, as the reference's collator) and T = max_tokens for every batch (a fixed text length avoids
 recompiling).
+
+A batch holding an example with several audios (interleaved few-shot or chat records, docs/ICL.md) takes the
+multi-audio layout of docs/MULTI_AUDIO.md instead: audio (B, A, W, 160000), audio_mask (B, A, W), A = the most audios
+of an example (or `num_audios`), W = the most windows of one audio (or `num_windows`); example i's audio a is slot a,
+missing slots and windows are zeros with mask 0. A batch of single-audio examples is exactly the layout above.
 """
 from __future__ import annotations
 
@@ -16,11 +21,42 @@ import numpy as np
 BATCH_KEYS = ("audio", "audio_mask", "input_ids", "attention_mask", "loss_mask")
 
 
+def example_audios(example: dict) -> list[np.ndarray]:
+    """An example's clips as a list of (n, 160000) windows (one for a single-audio example)."""
+    return list(example["audios"]) if "audios" in example else [example["windows"]]
+
+
+def pad_audio_slots(audios: Sequence[Sequence[np.ndarray]], num_audios: int | None = None,
+                    num_windows: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Examples' clips (each a list of (n, 160000) windows) -> audio (B, A, W, 160000) float32, mask (B, A, W)."""
+    from af2_jax.audio.windows import WINDOW_SAMPLES, pad_batch
+
+    if not audios or min(len(a) for a in audios) == 0:
+        raise ValueError("pad_audio_slots: every example needs at least one audio")
+    most = max(len(a) for a in audios)
+    slots = most if num_audios is None else num_audios
+    if slots < most:
+        raise ValueError(f"pad_audio_slots: num_audios={num_audios} is smaller than an example's {most} audios")
+    _, per_audio = pad_batch([w for example in audios for w in example], num_windows)  # checks every shape
+    width = per_audio.shape[1]
+    audio = np.zeros((len(audios), slots, width, WINDOW_SAMPLES), np.float32)
+    mask = np.zeros((len(audios), slots, width), np.float32)
+    for row, example in enumerate(audios):
+        for slot, windows in enumerate(example):
+            audio[row, slot, :len(windows)] = windows
+            mask[row, slot, :len(windows)] = 1.0
+    return audio, mask
+
+
 def collate(examples: Sequence[dict], *, pad_id: int, max_tokens: int,
-            num_windows: int | None = None) -> dict[str, np.ndarray]:
+            num_windows: int | None = None, num_audios: int | None = None) -> dict[str, np.ndarray]:
     from af2_jax.audio.windows import pad_batch
 
-    audio, audio_mask = pad_batch([e["windows"] for e in examples], num_windows)
+    audios = [example_audios(e) for e in examples]
+    if max(len(a) for a in audios) > 1 or (num_audios or 1) > 1:
+        audio, audio_mask = pad_audio_slots(audios, num_audios, num_windows)
+    else:
+        audio, audio_mask = pad_batch([a[0] for a in audios], num_windows)
     n = len(examples)
     input_ids = np.full((n, max_tokens), pad_id, np.int32)
     attention_mask = np.zeros((n, max_tokens), np.int32)

@@ -7,6 +7,10 @@ With `window_buckets` (e.g. (1, 3, 6, 12, 30)) examples are grouped by the small
 to it, so the train step compiles once per bucket rather than once per window count (each compile costs seconds on
 CPU, minutes at scale), at the price of some padded windows.
 
+Examples with several audios (interleaved few-shot, chat) are grouped by their audio count as well, so a batch of
+single-audio examples keeps the single-audio layout and a few-shot batch pads few empty audio slots
+(batching.collate).
+
 It reads its parent `MapDataset` by index, so its state is just (next index, pending indices, unreported skips):
 restoring re-decodes the pending examples, which are pure functions of their index. Under `mp_prefetch` each
 worker process runs one copy over its slice of the parent (`set_slice`).
@@ -18,7 +22,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from af2_jax.data.batching import collate
+from af2_jax.data.batching import collate, example_audios
 from af2_jax.data.examples import Skipped
 
 # Private keys that travel with a batch from the workers to the main process, which strips them (pipeline.py).
@@ -114,21 +118,26 @@ class BucketBatchIterator(grain.DatasetIterator):
             self._skips_in_a_row = 0
 
     def _windows_at(self, position: int) -> int:
-        """The padded window count of a pending example: its bucket, or its own count (none, or beyond the last)."""
-        count = self._pending[position][1]["windows"].shape[0]
+        """The padded window count of a pending example: its bucket, or its own count (none, or beyond the last);
+        for several audios, that of its longest audio."""
+        count = max(w.shape[0] for w in example_audios(self._pending[position][1]))
         return next((b for b in self._window_buckets if b >= count), count)
+
+    def _audios_at(self, position: int) -> int:
+        return len(example_audios(self._pending[position][1]))
 
     def _choose_batch(self) -> list[int] | None:
         """Positions in `_pending` of the next batch, or None to keep reading."""
-        groups: dict[int, list[int]] = {}
+        groups: dict[tuple[int, int], list[int]] = {}
         for position in range(len(self._pending)):
-            groups.setdefault(self._windows_at(position), []).append(position)
+            groups.setdefault((self._audios_at(position), self._windows_at(position)), []).append(position)
         full = [members for members in groups.values() if len(members) >= self._batch_size]
         if full:
             return min(full, key=lambda members: members[0])[: self._batch_size]  # the group with the oldest
         if len(self._pending) >= self._max_pending:
-            target = self._windows_at(0)
-            order = sorted(range(len(self._pending)), key=lambda p: (abs(self._windows_at(p) - target), p))
+            target, audios = self._windows_at(0), self._audios_at(0)
+            order = sorted(range(len(self._pending)), key=lambda p: (
+                abs(self._audios_at(p) - audios), abs(self._windows_at(p) - target), p))
             return order[: self._batch_size]
         return None
 
@@ -136,10 +145,12 @@ class BucketBatchIterator(grain.DatasetIterator):
         chosen = set(positions)
         examples = [self._pending[p][1] for p in positions]
         num_windows = max(self._windows_at(p) for p in positions)
+        num_audios = max(self._audios_at(p) for p in positions)
         self._pending = [item for p, item in enumerate(self._pending) if p not in chosen]
-        batch = collate(examples, pad_id=self._pad_id, max_tokens=self._max_tokens, num_windows=num_windows)
+        batch = collate(examples, pad_id=self._pad_id, max_tokens=self._max_tokens, num_windows=num_windows,
+                        num_audios=num_audios if num_audios > 1 else None)
         batch[SKIPPED_KEY] = self._skipped
-        batch[REAL_WINDOWS_KEY] = np.int64(sum(e["windows"].shape[0] for e in examples))
+        batch[REAL_WINDOWS_KEY] = np.int64(sum(w.shape[0] for e in examples for w in example_audios(e)))
         self._skipped = []
         return batch
 
