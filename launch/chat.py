@@ -76,11 +76,11 @@ def main(argv: list[str] | None = None, *, stdin=None, stdout=None) -> int:
 
     import jax
 
-    from af2_jax import pretrained
     from af2_jax.audio.io import AudioError
     from af2_jax.audio.windows import pad_batch
-    from af2_jax.inference.generate import answer_text, check_tokenizer, generate_tokens, left_pad, pad_audios
-    from af2_jax.inference.requests import TextStream, TokenStreamer, load_windows, text_prompt_ids
+    from af2_jax.inference.generate import answer_text, generate_tokens, left_pad, pad_audios
+    from af2_jax.inference.requests import (TextStream, TokenStreamer, load_answering_model, load_windows,
+                                            text_prompt_ids)
     from af2_jax.inference.sampling import SamplingConfig
     from af2_jax.param_tree import ConversionError
     from af2_jax.tokenizer import COT_MAX_LEN, DEFAULT_MAX_LEN, TokenizerError, cot_prompt, format_chat_prompt
@@ -90,14 +90,7 @@ def main(argv: list[str] | None = None, *, stdin=None, stdout=None) -> int:
     try:
         sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                   max_new_tokens=max_new, seed=args.seed)
-        model_dir = pretrained.resolve(args.checkpoint)
-        tokenizer = pretrained.load_tokenizer(model_dir, args.tokenizer)
-        model = pretrained.load_model(model_dir)
-        check_tokenizer(model.config, tokenizer)
-        max_windows = args.max_windows or model.config.max_windows
-        if max_windows > model.config.max_windows:
-            raise ValueError(f"--max-windows {max_windows} exceeds what this model takes "
-                             f"({model.config.max_windows} windows)")
+        model, tokenizer, max_windows = load_answering_model(args.checkpoint, args.tokenizer, args.max_windows)
     except (TokenizerError, ConversionError, OSError, ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -128,11 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     import jax
     from tqdm import tqdm
 
-    from af2_jax import pretrained
     from af2_jax.audio.io import AudioError, load_audio
-    from af2_jax.inference.generate import check_tokenizer
-    from af2_jax.inference.requests import (RequestError, answer_prompts, fewshot_request, load_windows,
-                                            text_prompt_ids)
+    from af2_jax.inference.requests import (RequestError, answer_prompts, fewshot_request, load_answering_model,
+                                            load_windows, text_prompt_ids)
     from af2_jax.inference.sampling import SamplingConfig
     from af2_jax.param_tree import ConversionError
     from af2_jax.retrieval.index import IndexFileError
@@ -147,14 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         items = _items(args, parser)
         sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                   max_new_tokens=max_new, seed=args.seed)
-        model_dir = pretrained.resolve(args.checkpoint)
-        tokenizer = pretrained.load_tokenizer(model_dir, args.tokenizer)
-        model = pretrained.load_model(model_dir)
-        check_tokenizer(model.config, tokenizer)
-        args.max_windows = args.max_windows or model.config.max_windows
-        if args.max_windows > model.config.max_windows:
-            raise ValueError(f"--max-windows {args.max_windows} exceeds what this model takes "
-                             f"({model.config.max_windows} windows = {model.config.max_windows * 10} s)")
+        model, tokenizer, args.max_windows = load_answering_model(args.checkpoint, args.tokenizer, args.max_windows)
         if args.shots:
             from af2_jax.retrieval import embed, index as index_lib
 

@@ -64,3 +64,26 @@ def pad_batch(windows: Sequence[np.ndarray], num_windows: int | None = None) -> 
         audio[index, :count] = example
         mask[index, :count] = 1.0
     return audio, mask
+
+
+def pad_audios(audios: Sequence[Sequence[np.ndarray]], num_audios: int | None = None,
+               num_windows: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Several audios per row (generation requests, few-shot or chat examples), each a list of (n_ia, 160000)
+    windows -> audio (B, A, W, 160000) float32 and its mask (B, A, W): A = the most audios of a row (or
+    `num_audios`), W = the most windows of an audio (or `num_windows`); a missing audio or window is zeros with
+    mask 0. Audio a of a row goes to slot a."""
+    if not audios or min(len(a) for a in audios) == 0:
+        raise ValueError("pad_audios: every request (or example) needs at least one audio")
+    slots = max(len(a) for a in audios) if num_audios is None else num_audios
+    if slots < max(len(a) for a in audios):
+        raise ValueError(f"pad_audios: num_audios={num_audios} is smaller than a request's {max(map(len, audios))}")
+    flat = [w for request in audios for w in request]
+    _, per = pad_batch(flat, num_windows)  # checks every audio's shape; width = the longest audio
+    width = per.shape[1]
+    audio = np.zeros((len(audios), slots, width, WINDOW_SAMPLES), np.float32)
+    mask = np.zeros((len(audios), slots, width), np.float32)
+    for row, request in enumerate(audios):
+        for slot, windows in enumerate(request):
+            audio[row, slot, :len(windows)] = windows
+            mask[row, slot, :len(windows)] = 1.0
+    return audio, mask

@@ -26,35 +26,13 @@ def example_audios(example: dict) -> list[np.ndarray]:
     return list(example["audios"]) if "audios" in example else [example["windows"]]
 
 
-def pad_audio_slots(audios: Sequence[Sequence[np.ndarray]], num_audios: int | None = None,
-                    num_windows: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Examples' clips (each a list of (n, 160000) windows) -> audio (B, A, W, 160000) float32, mask (B, A, W)."""
-    from af2_jax.audio.windows import WINDOW_SAMPLES, pad_batch
-
-    if not audios or min(len(a) for a in audios) == 0:
-        raise ValueError("pad_audio_slots: every example needs at least one audio")
-    most = max(len(a) for a in audios)
-    slots = most if num_audios is None else num_audios
-    if slots < most:
-        raise ValueError(f"pad_audio_slots: num_audios={num_audios} is smaller than an example's {most} audios")
-    _, per_audio = pad_batch([w for example in audios for w in example], num_windows)  # checks every shape
-    width = per_audio.shape[1]
-    audio = np.zeros((len(audios), slots, width, WINDOW_SAMPLES), np.float32)
-    mask = np.zeros((len(audios), slots, width), np.float32)
-    for row, example in enumerate(audios):
-        for slot, windows in enumerate(example):
-            audio[row, slot, :len(windows)] = windows
-            mask[row, slot, :len(windows)] = 1.0
-    return audio, mask
-
-
 def collate(examples: Sequence[dict], *, pad_id: int, max_tokens: int,
             num_windows: int | None = None, num_audios: int | None = None) -> dict[str, np.ndarray]:
-    from af2_jax.audio.windows import pad_batch
+    from af2_jax.audio.windows import pad_audios, pad_batch
 
     audios = [example_audios(e) for e in examples]
     if max(len(a) for a in audios) > 1 or (num_audios or 1) > 1:
-        audio, audio_mask = pad_audio_slots(audios, num_audios, num_windows)
+        audio, audio_mask = pad_audios(audios, num_audios, num_windows)
     else:
         audio, audio_mask = pad_batch([a[0] for a in audios], num_windows)
     n = len(examples)

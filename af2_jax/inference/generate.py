@@ -25,7 +25,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from af2_jax import sharding
-from af2_jax.audio.windows import WINDOW_SAMPLES, pad_batch
+from af2_jax.audio.windows import pad_audios, pad_batch  # noqa: F401  (pad_audios: part of this module's API)
 from af2_jax.inference.sampling import SamplingConfig, next_token
 from af2_jax.models.af2 import init_cache
 from af2_jax.tokenizer import AUDIO_TOKEN, SEP_TOKEN, AF2Tokenizer, encode_prompt, extract_answer
@@ -117,28 +117,6 @@ def _generate(model, audio, audio_mask, input_ids, attention_mask, key, sampling
                      sampling=dataclasses.replace(sampling, seed=0), eos_id=int(eos_id),
                      pad_id=model.config.pad_token_id)
     return np.asarray(tokens)
-
-
-def pad_audios(audios: Sequence[Sequence[np.ndarray]], num_audios: int | None = None,
-               num_windows: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Requests' audios, each a list of (n_ia, 160000) windows -> audio (B, A, W, 160000) float32 and its mask
-    (B, A, W): A = the most audios of a request (or `num_audios`), W = the most windows of an audio (or
-    `num_windows`); a missing audio or window is zeros with mask 0. Audio a of a request goes to slot a."""
-    if not audios or min(len(a) for a in audios) == 0:
-        raise ValueError("pad_audios: every request needs at least one audio")
-    slots = max(len(a) for a in audios) if num_audios is None else num_audios
-    if slots < max(len(a) for a in audios):
-        raise ValueError(f"pad_audios: num_audios={num_audios} is smaller than a request's {max(map(len, audios))}")
-    flat = [w for request in audios for w in request]
-    _, per = pad_batch(flat, num_windows)  # checks every audio's shape; width = the longest audio
-    width = per.shape[1]
-    audio = np.zeros((len(audios), slots, width, WINDOW_SAMPLES), np.float32)
-    mask = np.zeros((len(audios), slots, width), np.float32)
-    for row, request in enumerate(audios):
-        for slot, windows in enumerate(request):
-            audio[row, slot, :len(windows)] = windows
-            mask[row, slot, :len(windows)] = 1.0
-    return audio, mask
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, multiple: int = PROMPT_BUCKET

@@ -133,6 +133,25 @@ def entry_windows(entry: dict, max_windows: int) -> np.ndarray:
         return make_windows(load_waveform(entry, max_windows), max_windows, name=str(entry.get("audio")))
 
 
+def load_answering_model(checkpoint, tokenizer_dir=None, max_windows: int | None = None):
+    """(model, tokenizer, max_windows) for the answering commands: the model directory (or workdir) resolved, its
+    tokenizer checked against the model's special-token ids, `max_windows` defaulting to the model's limit and
+    refused above it."""
+    from af2_jax import pretrained
+    from af2_jax.inference.generate import check_tokenizer
+
+    model_dir = pretrained.resolve(checkpoint)
+    tokenizer = pretrained.load_tokenizer(model_dir, tokenizer_dir)
+    model = pretrained.load_model(model_dir)
+    check_tokenizer(model.config, tokenizer)
+    limit = model.config.max_windows
+    max_windows = max_windows or limit
+    if max_windows > limit:
+        raise ValueError(f"--max-windows {max_windows} exceeds what this model takes ({limit} windows = "
+                         f"{limit * 10} s)")
+    return model, tokenizer, max_windows
+
+
 def text_prompt_ids(tokenizer, text: str, *, audios: int, max_prompt_tokens: int = 512) -> list[int]:
     """Token ids of a prompt already in AF2's format (special tokens written out, e.g. `format_icl_prompt` or
     `format_chat_prompt`), ending in `<SEP>`; raises ValueError when it is too long or its `<audio>` count is not

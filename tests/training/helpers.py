@@ -31,6 +31,11 @@ def stage_config(stage: int, **overrides):
     cfg.checkpoint.async_save = False
     cfg.mesh.fsdp = 1
     cfg.export_final = False
+    return apply_overrides(cfg, overrides)
+
+
+def apply_overrides(cfg, overrides: dict):
+    """Sets each dotted key ('optimizer.learning_rate') of `overrides` in the config; returns it."""
     for key, value in overrides.items():
         node = cfg
         *parents, leaf = key.split(".")

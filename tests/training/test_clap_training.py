@@ -8,7 +8,7 @@ import pytest
 
 from af2_jax import pretrained
 from af2_jax.training import loop
-from helpers import REPO, flat
+from helpers import REPO, apply_overrides, flat
 
 STEPS = 2
 
@@ -23,13 +23,7 @@ def clap_config(**overrides):
     cfg.mesh.fsdp = 1
     cfg.checkpoint.every_steps, cfg.checkpoint.async_save = 1, False
     cfg.data.sources = (dict(kind="synthetic_captions", split="train", num_examples=64, seed=0, weight=1.0),)
-    for key, value in overrides.items():
-        node = cfg
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return cfg
+    return apply_overrides(cfg, overrides)
 
 
 @pytest.fixture(scope="module")
