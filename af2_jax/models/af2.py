@@ -42,7 +42,9 @@ class AF2Config:
     llm: Qwen2Config
     xattn: XAttnConfig
     max_windows: int = 30  # 10 s windows per example (30 = 5 min)
-    remat_policy: str = "none"  # af2_jax.models.scan.REMAT_POLICIES, for the superblock scan
+    # af2_jax.models.scan.REMAT_POLICIES, for the superblock scan (cross-attention + decoder layer); HTSAT's and the
+    # audio transformer's are htsat.remat_policy and audio_transformer.remat_policy
+    remat_policy: str = "none"
     scan_unroll: bool = False
     # Not in AF2: add a sinusoidal embedding of each audio token's time to HTSAT's output (audio_encoder.py).
     # Parameter-free, so weights convert either way; off reproduces the reference exactly.
@@ -60,6 +62,10 @@ class AF2Config:
     def __post_init__(self):
         if self.remat_policy not in scan.REMAT_POLICIES:
             raise ValueError(f"unknown remat_policy {self.remat_policy!r}; choose one of {sorted(scan.REMAT_POLICIES)}")
+        if self.llm.remat_policy != "none" or self.llm.scan_unroll:
+            # AF2 runs the decoder as its own scan over superblocks: the Qwen2 scan's switches are never read
+            raise ValueError("inside AF2 set AF2Config.remat_policy / scan_unroll (the superblock scan), not "
+                             f"llm.remat_policy={self.llm.remat_policy!r} / llm.scan_unroll={self.llm.scan_unroll}")
         if self.xattn.dim != self.llm.hidden_size:
             raise ValueError(f"xattn.dim {self.xattn.dim} != llm.hidden_size {self.llm.hidden_size}")
         if self.max_windows < 1:

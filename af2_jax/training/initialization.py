@@ -45,9 +45,12 @@ def model_config(model_cfg: Any, *, max_windows: int, tokenizer: Any = None):
                         remat_policy=model_cfg.remat_policy, scan_unroll=model_cfg.scan_unroll,
                         max_windows=max_windows,
                         audio_time_embedding=bool(model_cfg.audio_time_embedding))
-    depths = tuple(model_cfg.htsat_depths)
-    if depths:  # a shallower HTSAT of the same widths (tests, CPU runs); still 64 tokens per window
-        config = dataclasses.replace(config, htsat=dataclasses.replace(config.htsat, depths=depths))
+    htsat = dict(remat_policy=model_cfg.get("htsat_remat_policy", "none"))  # run configs before the field: none
+    if tuple(model_cfg.htsat_depths):  # a shallower HTSAT of the same widths (tests, CPU runs); still 64 tokens
+        htsat["depths"] = tuple(model_cfg.htsat_depths)
+    at_remat = model_cfg.get("audio_transformer_remat_policy", "none")
+    config = dataclasses.replace(config, htsat=dataclasses.replace(config.htsat, **htsat),
+                                 audio_transformer=dataclasses.replace(config.audio_transformer, remat_policy=at_remat))
     if tokenizer is None:
         return config
     vocab = len(tokenizer)
