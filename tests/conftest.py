@@ -70,3 +70,15 @@ def fixture_inputs(fixture_dir):
 @pytest.fixture(scope="session")
 def fixture_outputs(fixture_dir):
     return dict(np.load(fixture_dir / "outputs.npz"))
+
+
+# The two longest tests (3-5 min each on 2 cores, both whole commands in subprocesses) start first: at the end of
+# the list one worker ran them alone while the other sat idle. Whole files move, so module fixtures stay grouped.
+LONGEST_FIRST = ("tests/evaluation/test_curriculum.py", "tests/training/test_multihost.py")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    def rank(item):
+        path = pathlib.Path(str(item.fspath)).resolve().relative_to(REPO).as_posix()
+        return LONGEST_FIRST.index(path) if path in LONGEST_FIRST else len(LONGEST_FIRST)
+    items.sort(key=rank)  # stable: every other test keeps its order

@@ -20,7 +20,7 @@ CONSTANT_STATS = {"htsat/patch_embed/fusion_model/global_bn2/mean"}
 
 @pytest.mark.parametrize("stage", [1, 2])
 def test_only_the_stage_trainable_parameters_change(stage):
-    run = run_steps(stage, (2, 4, 1))  # shared with test_mesh_equivalence
+    run = run_steps(stage, (2, 2, 2))  # stage 2's is test_mesh_equivalence's (when one worker runs both)
     before, after = run["params_before"], run["params_after"]
     assert set(after) == set(before)
     assert any(p.startswith("htsat/") for p in after) and any(p.startswith("llm/layers/") for p in after)

@@ -1,16 +1,15 @@
 """The same stage-2 steps of the real tiny AF2 (two micro-batches accumulated, HTSAT training with BatchNorm
-updates) give the same losses and parameters on 1 device and on 8 (fsdp=4 x data=2, and data=2 x fsdp=2 x
-tensor=2): sharding changes where the work runs, not what it computes."""
+updates) give the same losses and parameters on 1 device and on 8 (data=2 x fsdp=2 x tensor=2, every mesh axis
+split; fsdp=4 x data=2 is the two-process test's mesh): sharding changes where the work runs, not what it
+computes."""
 import numpy as np
-import pytest
 
 from helpers import run_steps
 
 
-@pytest.mark.parametrize("mesh_shape", [(2, 4, 1), (2, 2, 2)])
-def test_one_device_and_eight_devices_agree(mesh_shape):
+def test_one_device_and_eight_devices_agree():
     reference = run_steps(2, (1, 1, 1))
-    run = run_steps(2, mesh_shape)
+    run = run_steps(2, (2, 2, 2))
     np.testing.assert_allclose(run["losses"], reference["losses"], rtol=0, atol=1e-5)
     assert reference["losses"][1] != reference["losses"][0]  # the second step saw updated parameters
     for key in ("params_after", "stats_after"):
