@@ -22,7 +22,8 @@ from af2_jax.convert.mapping import CONV2D, IDENTITY, LINEAR, Alias, Derived, Ru
 from af2_jax.convert.qwen2_hf import qwen2_layer_rules
 from af2_jax.models import rope
 from af2_jax.models.audio_transformer import AudioTransformerConfig
-from af2_jax.models.htsat import HTSATConfig, relative_position_index, shift_attention_mask
+from af2_jax.models.htsat_config import HTSATConfig
+from af2_jax.models.window_attention import relative_position_index, shift_attention_mask
 from af2_jax.models.xattn import XAttnConfig
 
 CLAP_PREFIX = "clap.nvclap."
@@ -148,15 +149,15 @@ def xattn_rules(config: XAttnConfig, prefix: str, ours_prefix: str) -> list[Rule
     return [
         Tensor(f"{o}attn_gate", f"{p}attn_gate", IDENTITY),
         Tensor(f"{o}ff_gate", f"{p}ff_gate", IDENTITY),
-        Tensor(f"{o}attn_norm_scale", f"{p}attn.norm.weight", IDENTITY),
-        Tensor(f"{o}attn_norm_bias", f"{p}attn.norm.bias", IDENTITY),
-        Tensor(f"{o}to_q", f"{p}attn.to_q.weight", LINEAR),
+        Tensor(f"{o}attn_norm/scale", f"{p}attn.norm.weight", IDENTITY),
+        Tensor(f"{o}attn_norm/bias", f"{p}attn.norm.bias", IDENTITY),
+        Tensor(f"{o}to_q/kernel", f"{p}attn.to_q.weight", LINEAR),
         Tensor(f"{o}to_kv", f"{p}attn.to_kv.weight", _kv_transform(config)),
-        Tensor(f"{o}to_out", f"{p}attn.to_out.weight", LINEAR),
-        Tensor(f"{o}ff_norm_scale", f"{p}ff.0.weight", IDENTITY),
-        Tensor(f"{o}ff_norm_bias", f"{p}ff.0.bias", IDENTITY),
-        Tensor(f"{o}ff_in", f"{p}ff.1.weight", LINEAR),
-        Tensor(f"{o}ff_out", f"{p}ff.3.weight", LINEAR),
+        Tensor(f"{o}to_out/kernel", f"{p}attn.to_out.weight", LINEAR),
+        Tensor(f"{o}ff_norm/scale", f"{p}ff.0.weight", IDENTITY),
+        Tensor(f"{o}ff_norm/bias", f"{p}ff.0.bias", IDENTITY),
+        Tensor(f"{o}ff_in/kernel", f"{p}ff.1.weight", LINEAR),
+        Tensor(f"{o}ff_out/kernel", f"{p}ff.3.weight", LINEAR),
     ]
 
 

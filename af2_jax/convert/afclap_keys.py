@@ -25,7 +25,7 @@ from __future__ import annotations
 from af2_jax.convert.af2_keys import htsat_rules
 from af2_jax.convert.mapping import IDENTITY, LINEAR, Alias, Rule, Tensor
 from af2_jax.models.afclap import AFCLAPConfig
-from af2_jax.models.htsat import HTSATConfig
+from af2_jax.models.htsat_config import HTSATConfig
 from af2_jax.models.t5 import T5Config
 
 PREFIX = "module."  # DistributedDataParallel's, on every key of the released checkpoint

@@ -122,7 +122,7 @@ def infer_config(source, prefix: str = afclap_keys.PREFIX, *, htsat: Mapping[str
     fields no shape holds (t5=dict(relative_attention_max_distance=64)); other keywords are AFCLAPConfig fields;
     `dtype` / `param_dtype` apply to every sub-config too."""
     from af2_jax.models.afclap import AFCLAP_PRESETS, AFCLAPConfig, afclap_preset
-    from af2_jax.models.htsat import HTSATConfig
+    from af2_jax.models.htsat_config import HTSATConfig
     from af2_jax.models.t5 import T5Config
 
     shape = Shapes(source)

@@ -21,8 +21,9 @@ from flax import nnx
 
 from af2_jax import sharding
 from af2_jax.models import rope
-from af2_jax.models.layers import Dense, LayerNorm, dropout
 from af2_jax.models import scan as scan_lib
+from af2_jax.models.attention import softmax_attention
+from af2_jax.models.layers import Dense, LayerNorm, dropout
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,10 +82,9 @@ class SelfAttention(nnx.Module):
         q = rope.apply_rotary(q, positions, base=c.rope_base, rotary_dim=c.rotary_dim)
         k = rope.apply_rotary(k, positions, base=c.rope_base, rotary_dim=c.rotary_dim)
         q = q / jnp.asarray(np.sqrt(c.d_k), q.dtype)
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-        scores = jnp.where(valid[:, None, None, :], scores, jnp.float32(-1e9))  # masked_fill, as the reference
-        probs = dropout(jax.nn.softmax(scores, axis=-1), c.attention_dropout, key).astype(c.dtype)
-        out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, n, c.n_heads * c.d_k)
+        out = softmax_attention(q, k, v, dtype=c.dtype, allowed=valid[:, None, None, :], masked_logit=-1e9,
+                                dropout_rate=c.attention_dropout, dropout_key=key)  # masked_fill, as the reference
+        out = out.reshape(b, n, c.n_heads * c.d_k)
         return self.out(out)
 
 

@@ -1,5 +1,7 @@
-"""Small layers shared by the audio encoder and the cross-attention: torch-semantics LayerNorm, a Dense with
-logical axis names, and dropout. Norm statistics are always computed in fp32."""
+"""The small layers every model here builds from (one parameter style: `kernel` (in, out) / `bias` / `scale`, each
+with logical axis names): torch-semantics LayerNorm, RMSNorm, a Dense, and dropout. Norm statistics are always
+computed in fp32. (Qwen2 keeps flax's nnx.Linear, which names its parameters the same way but draws a key for its
+bias, so that seeded initialisations stay what they were.)"""
 from __future__ import annotations
 
 from typing import Any, Callable
@@ -50,3 +52,17 @@ class Dense(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         y = x.astype(self.dtype) @ self.kernel[...].astype(self.dtype)
         return y + self.bias[...].astype(self.dtype) if self.bias is not None else y
+
+
+class RMSNorm(nnx.Module):
+    """x / rms(x) * scale, computed in fp32, returned in the compute dtype."""
+
+    def __init__(self, dim: int, *, eps: float, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32):
+        self.eps = eps
+        self.dtype = dtype
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype), out_sharding=("norm",))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+        return (x32 * self.scale[...].astype(jnp.float32)).astype(self.dtype)

@@ -24,6 +24,7 @@ from flax import nnx
 
 from af2_jax import sharding
 from af2_jax.models import scan
+from af2_jax.models.layers import RMSNorm
 from af2_jax.models.rope import apply_rotary
 
 _INIT = nnx.initializers.normal(stddev=0.02)  # transformers' initializer_range for Qwen2
@@ -208,20 +209,6 @@ def _linear(config: Qwen2Config, din: int, dout: int, axes: tuple[str, str], *, 
     return nnx.Linear(din, dout, use_bias=bias, dtype=config.dtype, param_dtype=config.param_dtype,
                       kernel_init=_INIT, kernel_metadata={"out_sharding": axes},
                       bias_metadata={"out_sharding": (axes[1],)}, rngs=rngs)
-
-
-class RMSNorm(nnx.Module):
-    """x / rms(x) * scale, computed in fp32, returned in the compute dtype."""
-
-    def __init__(self, dim: int, *, eps: float, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32):
-        self.eps = eps
-        self.dtype = dtype
-        self.scale = nnx.Param(jnp.ones((dim,), param_dtype), out_sharding=("norm",))
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x32 = x.astype(jnp.float32)
-        x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
-        return (x32 * self.scale[...].astype(jnp.float32)).astype(self.dtype)
 
 
 class Qwen2Attention(nnx.Module):

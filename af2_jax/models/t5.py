@@ -24,8 +24,8 @@ from flax import nnx
 
 from af2_jax import sharding
 from af2_jax.models import scan
-from af2_jax.models.layers import Dense, dropout
-from af2_jax.models.qwen2 import RMSNorm
+from af2_jax.models.attention import softmax_attention
+from af2_jax.models.layers import Dense, RMSNorm, dropout
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,9 +140,9 @@ class T5Attention(nnx.Module):
         q = self.query(h).reshape(b, length, c.num_heads, c.d_kv)
         k = self.key(h).reshape(b, length, c.num_heads, c.d_kv)
         v = self.value(h).reshape(b, length, c.num_heads, c.d_kv)
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) + bias  # no 1/sqrt(d)
-        probs = dropout(jax.nn.softmax(scores, axis=-1), c.dropout_rate, key).astype(c.dtype)
-        out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, length, c.inner_dim)
+        out = softmax_attention(q, k, v, dtype=c.dtype, biases=(bias,), dropout_rate=c.dropout_rate,
+                                dropout_key=key)  # T5 does not scale by 1/sqrt(d)
+        out = out.reshape(b, length, c.inner_dim)
         return self.out(out)
 
 

@@ -20,7 +20,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from af2_jax import sharding
-from af2_jax.models.layers import layer_norm
+from af2_jax.models import attention as attention_lib
+from af2_jax.models.layers import Dense, LayerNorm
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,10 +38,6 @@ class XAttnConfig:
     @property
     def inner_dim(self) -> int:
         return self.heads * self.dim_head
-
-
-def _param(init, key, shape, param_dtype, axes) -> nnx.Param:
-    return nnx.Param(init(key, shape, param_dtype), out_sharding=axes)
 
 
 # The reference fills masked logits with -FLT_MAX (not -inf) and subtracts the row max: a row whose every allowed
@@ -71,21 +68,15 @@ def allowed_keys(media_mask: jax.Array, visible: jax.Array | None = None, slot_s
     return valid & (key_slot[None, None, :] < visible[:, :, None])
 
 
-def attention_logits(q: jax.Array, k: jax.Array) -> jax.Array:
-    """q (B, T, H, D) already scaled, k (B, S, H, D) -> logits (B, H, T, S) fp32."""
-    return jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32)
-
-
 def attention_probs(q: jax.Array, k: jax.Array, allowed: jax.Array) -> jax.Array:
     """Softmax over keys (B, H, T, S) fp32 with disallowed logits at -FLT_MAX; `allowed` (B, T or 1, S)."""
-    sim = jnp.where(allowed[:, None], attention_logits(q, k), MASKED_LOGIT)
-    return jax.nn.softmax(sim, axis=-1)
+    return attention_lib.attention_probs(q, k, allowed=allowed[:, None], masked_logit=MASKED_LOGIT)
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array, dtype) -> jax.Array:
-    """The whole attention math, in one place (so that it can be routed through `jax.nn.dot_product_attention`,
-    which takes the same (B, H, T, S)-broadcastable boolean mask): (B, T, H, D) out."""
-    return jnp.einsum("bhts,bshd->bthd", attention_probs(q, k, allowed).astype(dtype), v)
+    """The whole cross-attention math, in one place (so that it can be routed through
+    `jax.nn.dot_product_attention`, which takes the same (B, H, T, S)-broadcastable boolean mask): (B, T, H, D)."""
+    return attention_lib.softmax_attention(q, k, v, dtype=dtype, allowed=allowed[:, None], masked_logit=MASKED_LOGIT)
 
 
 class GatedCrossAttentionBlock(nnx.Module):
@@ -99,24 +90,19 @@ class GatedCrossAttentionBlock(nnx.Module):
     def __init__(self, config: XAttnConfig, *, rngs: nnx.Rngs):
         self.config = config
         c = config
-        dense = nnx.initializers.lecun_normal()
-        ones, zeros = nnx.initializers.ones, nnx.initializers.zeros
-        self.attn_norm_scale = _param(ones, None, (c.dim,), c.param_dtype, ("norm",))
-        self.attn_norm_bias = _param(zeros, None, (c.dim,), c.param_dtype, ("norm",))
-        self.to_q = nnx.Param(dense(rngs.params(), (c.dim, c.inner_dim), c.param_dtype),
-                              out_sharding=("embed", "heads"))
-        self.to_kv = nnx.Param(dense(rngs.params(), (c.dim_audio, 2, c.inner_dim), c.param_dtype),
-                               out_sharding=("audio_embed", None, "heads"))
-        self.to_out = nnx.Param(dense(rngs.params(), (c.inner_dim, c.dim), c.param_dtype),
-                                out_sharding=("heads", "embed"))
-        self.ff_norm_scale = _param(ones, None, (c.dim,), c.param_dtype, ("norm",))
-        self.ff_norm_bias = _param(zeros, None, (c.dim,), c.param_dtype, ("norm",))
-        hidden = c.ff_mult * c.dim
-        self.ff_in = nnx.Param(dense(rngs.params(), (c.dim, hidden), c.param_dtype), out_sharding=("embed", "mlp"))
-        self.ff_out = nnx.Param(dense(rngs.params(), (hidden, c.dim), c.param_dtype), out_sharding=("mlp", "embed"))
+        dense = dict(use_bias=False, dtype=c.dtype, param_dtype=c.param_dtype, rngs=rngs)
+        self.attn_norm = LayerNorm(c.dim, eps=c.eps, param_dtype=c.param_dtype)
+        self.to_q = Dense(c.dim, c.inner_dim, ("embed", "heads"), **dense)
+        # k and v fused in one (dim_audio, 2, inner) tensor, the reference's single to_kv Linear
+        self.to_kv = nnx.Param(nnx.initializers.lecun_normal()(rngs.params(), (c.dim_audio, 2, c.inner_dim),
+                                                                c.param_dtype), out_sharding=("audio_embed", None, "heads"))
+        self.to_out = Dense(c.inner_dim, c.dim, ("heads", "embed"), **dense)
+        self.ff_norm = LayerNorm(c.dim, eps=c.eps, param_dtype=c.param_dtype)
+        self.ff_in = Dense(c.dim, c.ff_mult * c.dim, ("embed", "mlp"), **dense)
+        self.ff_out = Dense(c.ff_mult * c.dim, c.dim, ("mlp", "embed"), **dense)
         # tanh(0) = 0: a fresh block leaves the LLM untouched.
-        self.attn_gate = _param(zeros, None, (1,), c.param_dtype, ("norm",))
-        self.ff_gate = _param(zeros, None, (1,), c.param_dtype, ("norm",))
+        self.attn_gate = nnx.Param(jnp.zeros((1,), c.param_dtype), out_sharding=("norm",))
+        self.ff_gate = nnx.Param(jnp.zeros((1,), c.param_dtype), out_sharding=("norm",))
 
     def audio_kv(self, media: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Audio tokens (B, S, dim_audio) -> keys, values (B, S, heads, dim_head); depend on the audio only."""
@@ -128,8 +114,7 @@ class GatedCrossAttentionBlock(nnx.Module):
     def queries(self, h: jax.Array) -> jax.Array:
         """h (B, T, dim) -> scaled queries (B, T, heads, dim_head)."""
         c = self.config
-        x = layer_norm(h, self.attn_norm_scale[...], self.attn_norm_bias[...], c.eps).astype(c.dtype)
-        q = (x @ self.to_q[...].astype(c.dtype)).reshape(*x.shape[:2], c.heads, c.dim_head)
+        q = self.to_q(self.attn_norm(h)).reshape(*h.shape[:2], c.heads, c.dim_head)
         return q * jnp.asarray(c.dim_head ** -0.5, c.dtype)
 
     def attend(self, h: jax.Array, k: jax.Array, v: jax.Array, media_mask: jax.Array,
@@ -138,15 +123,13 @@ class GatedCrossAttentionBlock(nnx.Module):
         with `visible` (B, T) (see `visible_slots`) and `slot_size` the media-location mask applies too."""
         c = self.config
         out = attention(self.queries(h), k, v, allowed_keys(media_mask, visible, slot_size), c.dtype)
-        return out.reshape(*h.shape[:2], c.inner_dim) @ self.to_out[...].astype(c.dtype)
+        return self.to_out(out.reshape(*h.shape[:2], c.inner_dim))
 
     def feed_forward(self, h: jax.Array) -> jax.Array:
         """FF output before its gate."""
-        c = self.config
-        x = layer_norm(h, self.ff_norm_scale[...], self.ff_norm_bias[...], c.eps).astype(c.dtype)
-        x = jax.nn.gelu(x @ self.ff_in[...].astype(c.dtype), approximate=False)
+        x = jax.nn.gelu(self.ff_in(self.ff_norm(h)), approximate=False)
         x = sharding.constrain(x, ("act_batch", "act_length", "act_mlp"))
-        return x @ self.ff_out[...].astype(c.dtype)
+        return self.ff_out(x)
 
     def __call__(self, h: jax.Array, audio_kv: tuple[jax.Array, jax.Array], media_mask: jax.Array,
                  visible: jax.Array | None = None, slot_size: int | None = None) -> jax.Array:

@@ -12,7 +12,8 @@ from af2_jax.convert import af2_keys
 from af2_jax.param_tree import flatten, unflatten
 from af2_jax.convert.mapping import import_tensors
 from af2_jax.convert.tensor_files import PrefixView, SafetensorsSource
-from af2_jax.models.htsat import HTSAT, BatchNorm, htsat_preset
+from af2_jax.models.htsat import HTSAT, htsat_preset
+from af2_jax.models.torch_layers import BatchNorm
 from af2_jax.models.variables import Buffer
 
 TOL = dict(atol=1e-4, rtol=1e-4)  # fixture README: HTSAT stages and htsat_out
@@ -250,7 +251,7 @@ def test_training_fusion_branch_matches_torch(reference_htsat):
 
 
 def test_spec_augment_zeroes_bounded_stripes():
-    from af2_jax.models.htsat import spec_augment
+    from af2_jax.models.spec_augment import spec_augment
 
     x = jnp.ones((64, 1001, 64))
     y = np.asarray(spec_augment(x, jax.random.key(0), (64, 2), (8, 2)))

@@ -1,6 +1,7 @@
 """The gated cross-attention block with AF1's media-location mask against AF1's own block (xattn_media_tiny fixture:
 every array, fp32) and a float64 NumPy re-derivation (the all-padded uniform rows, and the decode step, where we
 deliberately differ from AF1: the new token sees every audio up to it, not only the first)."""
+import functools
 import math
 
 import jax.numpy as jnp
@@ -9,8 +10,8 @@ import pytest
 from flax import nnx
 from safetensors.numpy import load_file
 
-from af2_jax.models.xattn import (GatedCrossAttentionBlock, XAttnConfig, allowed_keys, attention_logits,
-                                  attention_probs, visible_slots)
+from af2_jax.models.attention import attention_logits
+from af2_jax.models.xattn import GatedCrossAttentionBlock, XAttnConfig, allowed_keys, attention_probs, visible_slots
 
 CONFIG = XAttnConfig(dim=64, dim_audio=32, heads=8, dim_head=64, ff_mult=4)  # the fixture's constructor
 W = 3  # max_window_per_audio: keys per audio slot
@@ -33,15 +34,15 @@ def block(fx):
     _, _, w = fx
     blk = GatedCrossAttentionBlock(CONFIG, rngs=nnx.Rngs(0))
     inner = CONFIG.inner_dim
-    values = dict(
-        attn_gate=w["attn_gate"], ff_gate=w["ff_gate"],
-        attn_norm_scale=w["attn.norm.weight"], attn_norm_bias=w["attn.norm.bias"],
-        to_q=w["attn.to_q.weight"].T, to_out=w["attn.to_out.weight"].T,
-        to_kv=w["attn.to_kv.weight"].reshape(2, inner, CONFIG.dim_audio).transpose(2, 0, 1),
-        ff_norm_scale=w["ff.0.weight"], ff_norm_bias=w["ff.0.bias"],
-        ff_in=w["ff.1.weight"].T, ff_out=w["ff.3.weight"].T)
+    values = {
+        "attn_gate": w["attn_gate"], "ff_gate": w["ff_gate"],
+        "attn_norm/scale": w["attn.norm.weight"], "attn_norm/bias": w["attn.norm.bias"],
+        "to_q/kernel": w["attn.to_q.weight"].T, "to_out/kernel": w["attn.to_out.weight"].T,
+        "to_kv": w["attn.to_kv.weight"].reshape(2, inner, CONFIG.dim_audio).transpose(2, 0, 1),
+        "ff_norm/scale": w["ff.0.weight"], "ff_norm/bias": w["ff.0.bias"],
+        "ff_in/kernel": w["ff.1.weight"].T, "ff_out/kernel": w["ff.3.weight"].T}
     for name, value in values.items():
-        param = getattr(blk, name)
+        param = functools.reduce(getattr, name.split("/"), blk)
         assert param[...].shape == value.shape, name
         param[...] = jnp.asarray(value)
     return blk
