@@ -96,18 +96,17 @@ def model_config(cfg, tokenizer):
 
 
 def write_init_model(cfg, config, tokenizer, data: pathlib.Path, seed: int) -> None:
-    """The random model with HTSAT's final norm standardised over the training clips (feature_norm, target 0.3 as
-    the tiny curriculum), saved as init/."""
-    import numpy as np
+    """The random model with HTSAT's final norm standardised over the training clips (target 0.3, as the tiny
+    curriculum's `model.calibrate_feature_norm`), saved as init/."""
     from flax import nnx
 
-    from af2_jax import param_tree, pretrained
+    from af2_jax import pretrained
     from af2_jax.audio.windows import pad_batch
     from af2_jax.data import manifests
     from af2_jax.data.examples import load_waveform
     from af2_jax.audio.windows import make_windows
+    from af2_jax.models import htsat_calibration
     from af2_jax.models.af2 import AF2Model
-    from af2_jax.training import feature_norm
 
     if pretrained.is_model_dir(data / "init"):
         return
@@ -118,11 +117,8 @@ def write_init_model(cfg, config, tokenizer, data: pathlib.Path, seed: int) -> N
         windows = [make_windows(load_waveform(r, 1), 1) for r in records[start:start + 16]]
         audio, mask = pad_batch(windows)
         batches.append({"audio": audio, "audio_mask": mask})
-    values = feature_norm.standardised_norm(**feature_norm.current_norm(model),
-                                            moments=feature_norm.token_moments(model, batches), target_std=0.3)
-    params = param_tree.model_params(model)
-    params = {**{k: np.asarray(v) for k, v in params.items()}, **feature_norm.as_params(values)}
-    pretrained.save(data / "init", config, params, tokenizer=tokenizer, overwrite=True)
+    htsat_calibration.standardise_output_norm(model.htsat, batches, target_std=0.3)
+    pretrained.save(data / "init", config, model, tokenizer=tokenizer, overwrite=True)
     say(f"init: random tiny AF2 (media-location mask on), HTSAT norm calibrated on {len(records)} clips")
 
 

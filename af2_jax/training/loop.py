@@ -21,8 +21,9 @@ from typing import Any, Callable, Iterator
 import jax
 import numpy as np
 
-from af2_jax import pretrained, sharding
-from af2_jax.training import (distributed, feature_norm, initialization, input_norm, optimizer, run_config,
+from af2_jax import param_tree, pretrained, sharding
+from af2_jax.models import htsat_calibration
+from af2_jax.training import (distributed, feature_norm, initialization, optimizer, run_config,
                               step as step_lib, tasks, train_state)
 from af2_jax.training.checkpointing import Checkpointer
 from af2_jax.training.metrics import MetricsLogger
@@ -134,12 +135,19 @@ def train(cfg: Any, workdir: str | pathlib.Path, *, make_iterator: Callable[...,
     if restored is not None:
         state, start_step = restored
         logging.info("resumed from checkpoint %d in %s", start_step, checkpointer.directory)
-    elif task.name == "af2" and cfg.model.calibrate_input_norm and input_norm.BN0_MEAN not in (init_params or {}):
-        state["batch_stats"] = _calibrate_input_norm(cfg, tokenizer, rows_per_step // jax.process_count(),
-                                                      state["batch_stats"], make_iterator)
+    elif task.name == "af2" and cfg.model.calibrate_input_norm and \
+            htsat_calibration.BN0_MEAN not in (init_params or {}):
+        batches = _first_batches(cfg, tokenizer, rows_per_step // jax.process_count(), make_iterator)
+        frozen = _calibrated(split, state, frozen, lambda model: _input_norm(model, batches))
     if task.name == "af2" and cfg.model.calibrate_feature_norm:
-        frozen = _calibrate_feature_norm(cfg, tokenizer, rows_per_step // jax.process_count(), mesh, split, state,
-                                         frozen, make_iterator, workdir, resumed=restored is not None)
+        if restored is not None:
+            frozen = _restored_feature_norm(split, state, frozen, workdir)
+        else:
+            batches = _first_batches(cfg, tokenizer, rows_per_step // jax.process_count(), make_iterator)
+            target = float(cfg.model.calibrate_feature_norm)
+            with jax.set_mesh(mesh):
+                frozen = _calibrated(split, state, frozen, lambda model: _feature_norm(model, batches, target,
+                                                                                         workdir))
 
     step_fn = step_lib.jit_train_step(step_lib.make_train_step(
         split, tx, optimizer.learning_rate_schedule(cfg.optimizer, cfg.num_steps), loss=task.loss(cfg, patterns),
@@ -249,40 +257,40 @@ def _all_processes(moments: np.ndarray) -> np.ndarray:
     return moments
 
 
-def _calibrate_input_norm(cfg: Any, tokenizer: Any, rows: int, batch_stats: Any,
-                          make_iterator: Callable | None) -> Any:
-    """HTSAT bn0 statistics from the run's first batches."""
-    batches = _first_batches(cfg, tokenizer, rows, make_iterator)
-    mean, var = input_norm.statistics(_all_processes(input_norm.log_mel_moments(batches)))
+def _calibrated(split: Any, state: Any, frozen: Any, calibrate: Callable) -> Any:
+    """Runs `calibrate(model)` (it sets part of HTSAT in place, af2_jax/models/htsat_calibration.py) on the merged
+    model and splits it again: updates `state`'s trainable parameters and statistics; returns the new frozen ones."""
+    model = split.merge(state["trainable"], state["batch_stats"], frozen)
+    calibrate(model)
+    _, state["trainable"], state["batch_stats"], frozen = train_state.split_model(model, split.trainable_patterns)
+    return frozen
+
+
+def _input_norm(model: Any, batches: list[dict]) -> None:
+    mean, var = htsat_calibration.calibrate_input_norm(model.htsat, batches, combine=_all_processes)
     logging.info("HTSAT input norm from %d batches: mean %.1f..%.1f dB, std %.1f..%.1f dB",
                  len(batches), mean.min(), mean.max(), np.sqrt(var).min(), np.sqrt(var).max())
-    return input_norm.set_input_norm(batch_stats, mean, var)
 
 
-def _calibrate_feature_norm(cfg: Any, tokenizer: Any, rows: int, mesh: Any, split: Any, state: Any, frozen: Any,
-                            make_iterator: Callable | None, workdir: pathlib.Path, *, resumed: bool) -> Any:
-    """HTSAT's final LayerNorm standardising its tokens over the run's first batches (training/feature_norm.py).
-    A fresh run measures and saves the values; a resumed one reads them, since frozen weights are not in the
-    checkpoint (trainable ones are, and keep their trained values). Returns the new frozen state."""
-    if resumed:
-        if not (workdir / feature_norm.FILE).is_file():
-            raise FileNotFoundError(f"{workdir / feature_norm.FILE} is missing: this checkpoint was trained "
-                                    "without model.calibrate_feature_norm; resume with it 0, or start afresh")
-        feature_norm.set_norm(frozen, feature_norm.load(workdir))
-        return frozen
-    model = split.merge(state["trainable"], state["batch_stats"], frozen)
-    batches = _first_batches(cfg, tokenizer, rows, make_iterator)
-    with jax.set_mesh(mesh):
-        moments = feature_norm.token_moments(model, batches)
-    values = feature_norm.standardised_norm(**feature_norm.current_norm(model), moments=_all_processes(moments),
-                                            target_std=float(cfg.model.calibrate_feature_norm))
-    if not (feature_norm.set_norm(state["trainable"], values) | feature_norm.set_norm(frozen, values)):
-        raise ValueError("feature-norm calibration: the model has no htsat/norm")
+def _feature_norm(model: Any, batches: list[dict], target_std: float, workdir: pathlib.Path) -> None:
+    """A fresh run measures HTSAT's output norm and saves it beside the checkpoints."""
+    values = htsat_calibration.standardise_output_norm(model.htsat, batches, target_std, combine=_all_processes)
     if jax.process_index() == 0:
         feature_norm.save(workdir, values)
     logging.info("HTSAT feature norm from %d batches: scale %.2f..%.2f", len(batches), values["scale"].min(),
                  values["scale"].max())
-    return frozen
+
+
+def _restored_feature_norm(split: Any, state: Any, frozen: Any, workdir: pathlib.Path) -> Any:
+    """A resumed run reads the saved output norm back when it is frozen (frozen weights are not in the checkpoint;
+    trainable ones are, and keep their trained values). Returns the new frozen state."""
+    if not (workdir / feature_norm.FILE).is_file():
+        raise FileNotFoundError(f"{workdir / feature_norm.FILE} is missing: this checkpoint was trained "
+                                "without model.calibrate_feature_norm; resume with it 0, or start afresh")
+    if htsat_calibration.NORM[0] not in param_tree.variable_paths(frozen):
+        return frozen
+    values = feature_norm.load(workdir)
+    return _calibrated(split, state, frozen, lambda model: htsat_calibration.set_output_norm(model.htsat, values))
 
 
 def export_final(directory: pathlib.Path, model_config: Any, model: Any, tokenizer: Any) -> None:

@@ -4,8 +4,11 @@ configured standard deviation per channel; a resumed run reads the saved values 
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from af2_jax.audio.mel import log_mel
+from af2_jax.models import htsat_calibration
+from af2_jax.models.htsat import HTSAT, htsat_preset
 from af2_jax.training import feature_norm, loop
 from helpers import RandomBatches, flat, random_batches, stage_config
 
@@ -16,13 +19,30 @@ def test_standardised_norm_matches_float64_standardisation():
     scale, bias = rng.uniform(0.5, 2.0, 6), rng.normal(size=6) * 3
     tokens = normalised * scale + bias
     moments = np.stack([tokens.sum(0), np.square(tokens).sum(0), np.full(6, len(tokens))])
-    new = feature_norm.standardised_norm(scale, bias, moments, target_std=0.3)
+    new = htsat_calibration.standardised_norm(scale, bias, moments, target_std=0.3)
     expected = (tokens - tokens.mean(0)) / tokens.std(0) * 0.3
     np.testing.assert_allclose(normalised * new["scale"] + new["bias"], expected, atol=1e-5)
     with pytest.raises(ValueError, match="no audio window"):
-        feature_norm.standardised_norm(scale, bias, None)
+        htsat_calibration.standardised_norm(scale, bias, None)
     with pytest.raises(ValueError, match="target_std"):
-        feature_norm.standardised_norm(scale, bias, moments, target_std=0.0)
+        htsat_calibration.standardised_norm(scale, bias, moments, target_std=0.0)
+
+
+def test_model_level_calibration_on_an_htsat():
+    """Both calibrations on a bare HTSAT, against float64 NumPy statistics of the same batches."""
+    htsat = HTSAT(htsat_preset("tiny", depths=(2, 2, 2, 2)), rngs=nnx.Rngs(0))
+    batches = [next(RandomBatches(2, windows=2, tokens=8, seed=s)) for s in range(2)]
+    mean, var = htsat_calibration.calibrate_input_norm(htsat, batches)
+    mels = np.concatenate([np.asarray(log_mel(jnp.asarray(b["audio"][b["audio_mask"] > 0])), np.float64)
+                           .reshape(-1, 64) for b in batches])
+    np.testing.assert_allclose(np.asarray(htsat.bn0.mean[...]), mels.mean(0), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(htsat.bn0.var[...]), mels.var(0, ddof=1), rtol=1e-3)
+
+    htsat_calibration.standardise_output_norm(htsat, batches, target_std=0.5)
+    tokens = np.concatenate([np.asarray(htsat(log_mel(jnp.asarray(b["audio"][b["audio_mask"] > 0]))), np.float64)
+                             .reshape(-1, htsat.config.num_features) for b in batches])
+    np.testing.assert_allclose(tokens.mean(0), 0.0, atol=1e-4)
+    np.testing.assert_allclose(tokens.std(0), 0.5, atol=1e-3)
 
 
 def _calibration_tokens(cfg, run):

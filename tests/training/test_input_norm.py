@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from af2_jax.audio.mel import log_mel
-from af2_jax.training import input_norm, loop
+from af2_jax.models import htsat_calibration
+from af2_jax.training import loop
 from helpers import RandomBatches, flat, random_batches, stage_config
 
 
@@ -24,7 +25,7 @@ def test_statistics_cover_real_windows_only():
         mask = np.array([[1, 1, 0], [1, 0, 0]], np.float32)
         audio[mask == 0] = 5.0  # padding that must not count
         batches.append({"audio": audio, "audio_mask": mask})
-    mean, var = input_norm.statistics(input_norm.log_mel_moments(batches))
+    mean, var = htsat_calibration.input_statistics(htsat_calibration.log_mel_moments(batches))
     ref_mean, ref_var = _numpy_statistics(batches)
     np.testing.assert_allclose(mean, ref_mean, rtol=1e-5)
     np.testing.assert_allclose(var, ref_var, rtol=1e-3)
