@@ -6,7 +6,6 @@ the converted model's audio half initialises AF2's HTSAT through `init_from=htsa
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 
@@ -24,6 +23,7 @@ from af2_jax.convert.afclap_release import export_afclap, import_afclap
 from af2_jax.convert.mapping import ConversionError
 from af2_jax.convert.tensor_files import UnreadableFileError
 from af2_jax.models.afclap import AFCLAPModel, afclap_preset
+from tests.scripts import load_script
 
 REPO = __import__("pathlib").Path(__file__).resolve().parents[2]
 TIED, SHARED = "module.text_branch.encoder.embed_tokens.weight", "module.text_branch.shared.weight"
@@ -155,18 +155,11 @@ def test_every_bad_key_is_named_once(reference, tmp_path):
         import_afclap(tmp_path / "other.safetensors", progress=False)
 
 
-def _convert_main():
-    spec = importlib.util.spec_from_file_location("convert_cli", REPO / "launch" / "convert.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
-
-
 def test_cli_both_ways(checkpoint, reference, afclap_fixture_dir, tmp_path, capsys):
     from af2_jax.clap_tokenizer import ClapTokenizer
 
     rows, values = reference
-    main = _convert_main()
+    main = load_script("launch/convert.py").main
     ours = tmp_path / "afclap"
     assert main(["afclap-from-torch", str(checkpoint), str(ours), "--no-progress",
                  "--tokenizer", str(afclap_fixture_dir / "tokenizer.json")]) == 0
@@ -238,8 +231,9 @@ def test_converted_afclap_initialises_af2_htsat(tmp_path):
     clap_config = afclap_preset("tiny", htsat=dict(depths=(2, 2, 2, 2)))
     clap = _random_params(clap_config, 11)
     export_afclap(clap_config, clap, tmp_path / "clap.pt")
-    assert _convert_main()(["afclap-from-torch", str(tmp_path / "clap.pt"), str(tmp_path / "clap"),
-                            "--no-progress"]) == 0
+    convert_main = load_script("launch/convert.py").main
+    assert convert_main(["afclap-from-torch", str(tmp_path / "clap.pt"), str(tmp_path / "clap"),
+                         "--no-progress"]) == 0
     llm_config = model_config(stage_config(1)).llm
     llm = param_tree.model_params(jax.jit(lambda: nnx.state(Qwen2ForCausalLM(llm_config, rngs=nnx.Rngs(3))))())
     pretrained.save(tmp_path / "llm", llm_config, llm)

@@ -2,7 +2,6 @@
 checks the plumbing, the JSON schema, and that the stored metrics agree with a recomputation from the predictions."""
 import collections
 import dataclasses
-import importlib.util
 import pathlib
 import string
 
@@ -12,16 +11,9 @@ from flax import nnx
 from af2_jax import pretrained
 from af2_jax.data.synthetic import SyntheticSource, synthetic_tokenizer
 from af2_jax.evaluation import report, runner
+from tests.scripts import load_script
 
-REPO = pathlib.Path(__file__).resolve().parents[2]
 NUM_EXAMPLES = 7  # one per short skill
-
-
-def _load_script(name):
-    spec = importlib.util.spec_from_file_location(f"launch_{name}", REPO / "launch" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +47,7 @@ def _f1(prediction, reference):
 @pytest.mark.slow  # about a minute on 2 cores, nearly all of it compiling generation
 def test_eval_cli_writes_consistent_results(tiny_model_dir, tmp_path, capsys):
     output = tmp_path / "results.json"
-    eval_script = _load_script("eval")
+    eval_script = load_script("launch/eval.py")
     eval_script.main(["--checkpoint", str(tiny_model_dir), "--synthetic-split", "test", "--num-examples",
                       str(NUM_EXAMPLES), "--batch-size", "8", "--max-new-tokens", "6", "--output", str(output),
                       "--no-progress"])
@@ -96,7 +88,7 @@ def test_eval_cli_writes_consistent_results(tiny_model_dir, tmp_path, capsys):
 
 
 def test_argument_and_model_errors_are_one_line(tmp_path, tiny_model_dir, capsys):
-    eval_script = _load_script("eval")
+    eval_script = load_script("launch/eval.py")
     cases = [(["--checkpoint", str(tmp_path / "nothing"), "--synthetic-split", "test"], "nothing"),
              (["--checkpoint", str(tiny_model_dir), "--synthetic-split", "test", "--batch-size", "0"], "--batch-size"),
              (["--checkpoint", str(tiny_model_dir), "--synthetic-split", "test", "--skills", "count,nope"], "nope"),
@@ -131,7 +123,7 @@ def test_unreadable_records_are_skipped_and_counted(tmp_path):
 
 
 def test_default_output_is_written_beside_the_caller_not_into_the_model(tiny_model_dir, tmp_path, monkeypatch):
-    eval_script = _load_script("eval")
+    eval_script = load_script("launch/eval.py")
     monkeypatch.chdir(tmp_path)
     args = eval_script.build_parser().parse_args(["--checkpoint", str(tiny_model_dir), "--synthetic-split", "test"])
     *_, output = eval_script.prepare(args)

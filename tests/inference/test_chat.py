@@ -1,24 +1,15 @@
 """launch/chat.py: a scripted session through the command. The history is kept (each turn's prompt written out
 here), audio attached at a later turn gets its <audio> there, and the streamed answer equals what the batched
 generation (generate_tokens' on-device loop) gives for the same prompt."""
-import importlib.util
 import io
 import json
-import pathlib
 
 from af2_jax.inference.generate import answer_text, generate_tokens, left_pad
 from af2_jax.inference.sampling import SamplingConfig
 from tests.inference.test_infer_multi import _windows, setup  # noqa: F401  (the module's model fixture)
+from tests.scripts import load_script
 
-REPO = pathlib.Path(__file__).resolve().parents[2]
 NEW_TOKENS = 5
-
-
-def _chat():
-    spec = importlib.util.spec_from_file_location("chat_cli", REPO / "launch" / "chat.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _batched(model, tokenizer, paths, text):
@@ -38,9 +29,10 @@ def test_scripted_session_keeps_history_and_streams_the_batched_answer(tmp_path,
                         "which one is longer?", "/audio " + str(tmp_path / "missing.wav"), "/bogus", "/history",
                         "/quit", "never asked"]) + "\n"
     out = io.StringIO()
-    code = _chat().main(["--checkpoint", str(root / "model"), "--audio", clips["c0"], "--max-new-tokens",
-                         str(NEW_TOKENS), "--transcript", str(tmp_path / "t.json")], stdin=io.StringIO(script),
-                        stdout=out)
+    chat = load_script("launch/chat.py")
+    code = chat.main(["--checkpoint", str(root / "model"), "--audio", clips["c0"], "--max-new-tokens",
+                      str(NEW_TOKENS), "--transcript", str(tmp_path / "t.json")], stdin=io.StringIO(script),
+                     stdout=out)
     err = capsys.readouterr().err
     assert code == 1 and "missing.wav" in err and "unknown command /bogus" in err
     turns = json.loads((tmp_path / "t.json").read_text())
@@ -64,17 +56,19 @@ def test_scripted_session_keeps_history_and_streams_the_batched_answer(tmp_path,
         assert turn["answer"] == _batched(model, tokenizer, paths, turn["prompt"])
     # the batched path through the command gives the same session
     again = io.StringIO()
-    assert _chat().main(["--checkpoint", str(root / "model"), "--audio", clips["c0"], "--max-new-tokens",
-                         str(NEW_TOKENS), "--no-stream"], stdin=io.StringIO("\n".join(script.split("\n")[:4])),
-                        stdout=again) == 0
+    chat = load_script("launch/chat.py")
+    assert chat.main(["--checkpoint", str(root / "model"), "--audio", clips["c0"], "--max-new-tokens",
+                      str(NEW_TOKENS), "--no-stream"], stdin=io.StringIO("\n".join(script.split("\n")[:4])),
+                     stdout=again) == 0
     assert [line.removeprefix("assistant: ").strip() for line in again.getvalue().splitlines()] == a
 
 
 def test_question_before_any_audio_and_bad_checkpoint(tmp_path, setup, capsys):  # noqa: F811
     root, _, _, _ = setup
     out = io.StringIO()
-    assert _chat().main(["--checkpoint", str(root / "model")], stdin=io.StringIO("hello?\n"), stdout=out) == 1
+    chat = load_script("launch/chat.py")
+    assert chat.main(["--checkpoint", str(root / "model")], stdin=io.StringIO("hello?\n"), stdout=out) == 1
     assert "attach an audio file first" in capsys.readouterr().err and out.getvalue() == ""
-    assert _chat().main(["--checkpoint", str(tmp_path / "none")], stdin=io.StringIO("")) == 2
+    assert load_script("launch/chat.py").main(["--checkpoint", str(tmp_path / "none")], stdin=io.StringIO("")) == 2
     assert "none" in capsys.readouterr().err
 

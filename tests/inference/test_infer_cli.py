@@ -1,6 +1,5 @@
 """launch/infer.py end to end: the fixture's weights converted to our format with a trained tiny tokenizer, WAV
 files on disk, a JSONL manifest with a broken file among good ones."""
-import importlib.util
 import json
 
 import numpy as np
@@ -12,15 +11,8 @@ from af2_jax.convert.af2_release import import_release, import_tokenizer
 from af2_jax.inference.generate import answer_text, generate_tokens, left_pad
 from af2_jax.inference.sampling import SamplingConfig
 from af2_jax.tokenizer import encode_prompt, train_tiny_tokenizer
+from tests.scripts import load_script
 
-REPO = __import__("pathlib").Path(__file__).resolve().parents[2]
-
-
-def _load_cli():
-    spec = importlib.util.spec_from_file_location("infer_cli", REPO / "launch" / "infer.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +43,9 @@ def test_manifest_answers_and_bad_files(tmp_path, checkpoint, fixture_inputs, ca
     manifest = tmp_path / "questions.jsonl"
     manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "answers.jsonl"
-    code = _load_cli().main(["--checkpoint", str(model_dir), "--manifest", str(manifest), "--output", str(out),
-                             "--batch-size", "2", "--max-windows", "1", "--max-new-tokens", "5", "--no-progress"])
+    infer = load_script("launch/infer.py")
+    code = infer.main(["--checkpoint", str(model_dir), "--manifest", str(manifest), "--output", str(out),
+                       "--batch-size", "2", "--max-windows", "1", "--max-new-tokens", "5", "--no-progress"])
     err = capsys.readouterr().err
     assert code == 1, "a failed item makes the exit code nonzero"
     assert "broken.wav" in err and "1 of 3 item(s) failed" in err
@@ -78,7 +71,7 @@ def test_manifest_answers_and_bad_files(tmp_path, checkpoint, fixture_inputs, ca
 
 def test_argument_errors_and_missing_file(tmp_path, checkpoint, capsys):
     model_dir, _ = checkpoint
-    cli = _load_cli()
+    cli = load_script("launch/infer.py")
     with pytest.raises(SystemExit):
         cli.main(["--checkpoint", str(model_dir), "--audio", "a.wav"])  # no matching --prompt
     code = cli.main(["--checkpoint", str(model_dir), "--audio", str(tmp_path / "gone.wav"), "--prompt", "q"])
@@ -89,7 +82,7 @@ def test_argument_errors_and_missing_file(tmp_path, checkpoint, capsys):
 
 def test_bad_output_path_and_limits_fail_before_any_work(tmp_path, checkpoint, capsys, fixture_inputs):
     model_dir, tokenizer = checkpoint
-    cli = _load_cli()
+    cli = load_script("launch/infer.py")
     soundfile.write(tmp_path / "clip.wav", fixture_inputs["wav_pcm16_0"], 16000, subtype="PCM_16")
     clip = str(tmp_path / "clip.wav")
     code = cli.main(["--checkpoint", str(model_dir), "--audio", clip, "--prompt", "q", "--output",

@@ -3,9 +3,7 @@ random tiny AF2 with the media-location mask. Answers are checked against genera
 from the files (the prompt text written out, the clips read with af2_jax.audio.io), the retrieved examples against
 a numpy nearest-neighbour search."""
 import dataclasses
-import importlib.util
 import json
-import pathlib
 
 import jax.numpy as jnp
 import numpy as np
@@ -22,16 +20,9 @@ from af2_jax.inference.sampling import SamplingConfig
 from af2_jax.models.af2 import AF2Model, af2_preset
 from af2_jax.tokenizer import with_token_ids
 from tests.data.helpers import int16_tone, write_jsonl, write_wav
+from tests.scripts import load_script
 
-REPO = pathlib.Path(__file__).resolve().parents[2]
 NEW_TOKENS = 4
-
-
-def _load(name):
-    spec = importlib.util.spec_from_file_location(f"{name}_cli", REPO / "launch" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +60,7 @@ def test_several_audio_per_prompt_command_line_and_manifest(tmp_path, setup, cap
     root, tokenizer, model, clips = setup
     out = tmp_path / "answers.jsonl"
     args = ["--checkpoint", str(root / "model"), "--max-new-tokens", str(NEW_TOKENS), "--no-progress"]
-    code = _load("infer").main(args + [
+    code = load_script("launch/infer.py").main(args + [
         "--audio", clips["c0"], "--audio", clips["c1"], "--prompt", "<audio>A beep. <audio>What is THIS?",
         "--audio", clips["c2"], "--prompt", "what is this sound called?",
         "--audio", clips["c3"], "--audio", clips["c4"], "--prompt", "only one <audio> here",
@@ -87,14 +78,15 @@ def test_several_audio_per_prompt_command_line_and_manifest(tmp_path, setup, cap
                                                    "prompt": "<audio>A beep. <audio>What is THIS?"}])
     (tmp_path / "c0.wav").symlink_to(clips["c0"])
     (tmp_path / "c1.wav").symlink_to(clips["c1"])
-    assert _load("infer").main(args + ["--manifest", str(manifest), "--output", str(tmp_path / "m.jsonl")]) == 0
+    infer = load_script("launch/infer.py")
+    assert infer.main(args + ["--manifest", str(manifest), "--output", str(tmp_path / "m.jsonl")]) == 0
     row = json.loads((tmp_path / "m.jsonl").read_text())
     assert row["answer"] == rows["0"]["answer"] and row["audio"] == [str(tmp_path / "c0.wav"), str(tmp_path / "c1.wav")]
 
 
 def test_argument_errors(setup):
     root, _, _, clips = setup
-    infer = _load("infer")
+    infer = load_script("launch/infer.py")
     base = ["--checkpoint", str(root / "model")]
     for bad in (["--prompt", "q", "--audio", clips["c0"]],  # a prompt before its audio
                 ["--audio", clips["c0"], "--prompt", "q", "--audio", clips["c1"]],  # an audio without prompt
@@ -109,14 +101,16 @@ def test_retrieved_shots(tmp_path, setup, capsys):
     train = [{"id": f"t{i}", "audio": clips[f"c{i}"], "prompt": "what is this sound called?", "answer": f"w{i}"}
              for i in range(6)]
     manifest = write_jsonl(tmp_path / "train.jsonl", train)
-    assert _load("build_index").main(["--model", str(root / "model"), "--manifest", str(manifest), "--out",
-                                      str(tmp_path / "index"), "--no-progress"]) == 0
+    build_index = load_script("launch/build_index.py")
+    assert build_index.main(["--model", str(root / "model"), "--manifest", str(manifest), "--out",
+                             str(tmp_path / "index"), "--no-progress"]) == 0
     out = tmp_path / "answers.jsonl"
-    code = _load("infer").main(["--checkpoint", str(root / "model"), "--max-new-tokens", str(NEW_TOKENS),
-                                "--no-progress", "--shots", "2", "--index", str(tmp_path / "index"),
-                                "--audio", clips["c6"], "--prompt", "What is this sound called?",  # not indexed
-                                "--audio", clips["c1"], "--prompt", "What is this sound called?",  # its own file
-                                "--output", str(out)])
+    infer = load_script("launch/infer.py")
+    code = infer.main(["--checkpoint", str(root / "model"), "--max-new-tokens", str(NEW_TOKENS),
+                       "--no-progress", "--shots", "2", "--index", str(tmp_path / "index"),
+                       "--audio", clips["c6"], "--prompt", "What is this sound called?",  # not indexed
+                       "--audio", clips["c1"], "--prompt", "What is this sound called?",  # its own file
+                       "--output", str(out)])
     assert code == 0, capsys.readouterr().err
     rows = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
     # reference neighbours: cosine of HTSAT's mean-pooled tokens, numpy, the query's own file left out
@@ -138,9 +132,10 @@ def test_retrieved_shots(tmp_path, setup, capsys):
         assert rows[item]["answer"] == _reference(model, tokenizer, [s["audio"] for s in shots] + [clips[query]],
                                                   text)
     # random examples: two distinct files, never the query's
-    code = _load("infer").main(["--checkpoint", str(root / "model"), "--max-new-tokens", str(NEW_TOKENS),
-                                "--no-progress", "--shots", "2", "--index", str(tmp_path / "index"),
-                                "--shot-selection", "random", "--audio", clips["c1"], "--prompt", "what?",
-                                "--output", str(out)])
+    infer = load_script("launch/infer.py")
+    code = infer.main(["--checkpoint", str(root / "model"), "--max-new-tokens", str(NEW_TOKENS),
+                       "--no-progress", "--shots", "2", "--index", str(tmp_path / "index"),
+                       "--shot-selection", "random", "--audio", clips["c1"], "--prompt", "what?",
+                       "--output", str(out)])
     shots = json.loads(out.read_text())["shots"]
     assert code == 0 and len(set(shots)) == 2 and "t1" not in shots

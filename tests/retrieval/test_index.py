@@ -1,8 +1,6 @@
 """Retrieval for few-shot prompts: faiss top-k against a numpy brute force, self / same-file exclusion, save and
 reload, and launch/build_index.py end to end (embeddings checked against the models' own calls)."""
-import importlib.util
 import json
-import pathlib
 
 import dataclasses
 
@@ -14,8 +12,8 @@ from flax import nnx
 from af2_jax import pretrained
 from af2_jax.retrieval import fewshot, index as index_lib
 from tests.data.helpers import int16_tone, write_jsonl, write_wav
+from tests.scripts import load_script
 
-REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
 def _unit(rng, n, d):
@@ -87,13 +85,6 @@ def test_shots_exclude_the_query_file_and_keep_one_entry_per_file():
                                                                      for r in picked)
 
 
-def _load_command():
-    spec = importlib.util.spec_from_file_location("build_index_cli", REPO / "launch" / "build_index.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def clip_manifest(tmp_path_factory):
     root = tmp_path_factory.mktemp("clips")
@@ -125,8 +116,9 @@ def test_build_index_command_with_an_af2_model(tmp_path, clip_manifest, capsys):
     model = AF2Model(config, rngs=nnx.Rngs(0))
     pretrained.save(tmp_path / "af2", config, model)
     out = tmp_path / "index"
-    code = _load_command().main(["--model", str(tmp_path / "af2"), "--manifest", str(manifest), "--out", str(out),
-                                 "--batch-size", "4"])
+    build_index = load_script("launch/build_index.py")
+    code = build_index.main(["--model", str(tmp_path / "af2"), "--manifest", str(manifest), "--out", str(out),
+                             "--batch-size", "4"])
     captured = capsys.readouterr()
     assert code == 0 and "indexed 6 clips" in captured.out and "1 left out" in captured.out
     assert "missing.wav" in captured.err and "embedding clips" in captured.err  # the failure and the tqdm bar
@@ -146,8 +138,9 @@ def test_build_index_command_with_an_af2_model(tmp_path, clip_manifest, capsys):
     assert found[0, 0] == 2
     shots = fewshot.retrieve_shots(index, stored[2:3], 3, query_files=[rows[2]["audio"]])[0]
     assert 2 not in shots and len(shots) == 3
-    assert _load_command().main(["--model", str(tmp_path / "af2"), "--manifest", str(manifest), "--out",
-                                 str(out), "--no-progress"]) == 2
+    build_index = load_script("launch/build_index.py")
+    assert build_index.main(["--model", str(tmp_path / "af2"), "--manifest", str(manifest), "--out",
+                             str(out), "--no-progress"]) == 2
     assert "already holds an index" in capsys.readouterr().err
 
 
@@ -162,8 +155,9 @@ def test_build_index_command_with_an_afclap_model(tmp_path, clip_manifest):
     model = AFCLAPModel(config, rngs=nnx.Rngs(1))
     pretrained.save(tmp_path / "clap", config, model)
     out = tmp_path / "index"
-    assert _load_command().main(["--model", str(tmp_path / "clap"), "--manifest", str(manifest), "--out", str(out),
-                                 "--metric", "l2", "--no-progress"]) == 0
+    build_index = load_script("launch/build_index.py")
+    assert build_index.main(["--model", str(tmp_path / "clap"), "--manifest", str(manifest), "--out", str(out),
+                             "--metric", "l2", "--no-progress"]) == 0
     index = index_lib.load_index(out)
     assert index.embedding == "afclap" and index.metric == "l2" and len(index) == 6
     # reference: AF-CLAP's features of the first 10 s (the 12 s clip is cut, as AF1 embeds 10 s) and its embedding

@@ -3,10 +3,10 @@ check training mechanics, not HTSAT numerics), the model it builds, and a determ
 iterator (batch k is a pure function of (seed, k), so a resumed run must see exactly the batches an uninterrupted
 one saw)."""
 import functools
-import importlib.util
 import pathlib
 
 import numpy as np
+from tests.scripts import load_script
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 HTSAT_DEPTHS = (2, 2, 2, 2)  # the tiny preset's widths and heads; depths (2, 2, 12, 2) -> 4 Swin block pairs
@@ -15,10 +15,7 @@ ROWS = 8  # one row per device of the 8 simulated CPU devices
 
 
 def stage_config(stage: int, **overrides):
-    spec = importlib.util.spec_from_file_location(f"stage{stage}", REPO / "configs" / f"stage{stage}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    cfg = module.get_config("tiny")
+    cfg = load_script(f"configs/stage{stage}.py").get_config("tiny")
     cfg.num_steps = 4
     cfg.batch_size = ROWS
     cfg.max_windows = 1

@@ -1,23 +1,20 @@
 """AF-CLAP pretraining through the curriculum's own loop (task 'afclap', configs/clap.py): the step trains every
 parameter on the composition-aware loss, clamps the logit scales as the reference does after each update, resumes
 with the same data order, and exports an AF-CLAP model whose HTSAT initialises AF2 stage 1."""
-import importlib.util
 
 import numpy as np
 import pytest
 
 from af2_jax import pretrained
 from af2_jax.training import loop
-from helpers import REPO, apply_overrides, flat
+from helpers import apply_overrides, flat
+from tests.scripts import load_script
 
 STEPS = 2
 
 
 def clap_config(**overrides):
-    spec = importlib.util.spec_from_file_location("clap_config", REPO / "configs" / "clap.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    cfg = module.get_config("tiny")
+    cfg = load_script("configs/clap.py").get_config("tiny")
     cfg.batch_size, cfg.num_steps, cfg.log_every = 8, STEPS, 1
     cfg.optimizer.warmup_steps = 0
     cfg.mesh.fsdp = 1
