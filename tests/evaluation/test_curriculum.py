@@ -3,7 +3,6 @@
 The run trains stage 1 normally, and stages 2 and 3 with learning rate 0: then each later stage's exported weights
 must equal the previous stage's bit for bit if, and only if, it started from them (a random start would differ,
 e.g. its cross-attention gates would still be at their initial 0 while stage 1 moved them)."""
-import importlib.util
 import json
 import os
 import pathlib
@@ -15,19 +14,13 @@ import pytest
 
 from af2_jax import pretrained
 from af2_jax.evaluation import report
+from tests.scripts import load_script
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
-def _curriculum():
-    spec = importlib.util.spec_from_file_location("launch_curriculum", REPO / "launch" / "curriculum.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_parse_overrides():
-    curriculum = _curriculum()
+    curriculum = load_script("launch/curriculum.py")
     got = curriculum.parse_overrides(["3:max_windows=6", "all:seed=1", "2:tokenizer=/tmp/tok",
                                       "1:optimizer.learning_rate=0.0"])
     assert got == {0: [("seed", 1)], 1: [("seed", 1), ("optimizer.learning_rate", 0.0)],
@@ -39,7 +32,7 @@ def test_parse_overrides():
 
 
 def test_cpu_devices_adds_the_host_device_count_unless_xla_flags_sets_one(monkeypatch):
-    curriculum = _curriculum()
+    curriculum = load_script("launch/curriculum.py")
     monkeypatch.setenv("XLA_FLAGS", "--xla_backend_optimization_level=0")
     curriculum.use_cpu_devices(2)
     assert os.environ["XLA_FLAGS"].split() == ["--xla_backend_optimization_level=0",
@@ -55,8 +48,8 @@ def test_cpu_devices_adds_the_host_device_count_unless_xla_flags_sets_one(monkey
 
 
 def test_stage_configs_chain_init_from_and_take_overrides(tmp_path):
-    curriculum = _curriculum()
-    args = curriculum.build_parser().parse_args(["--workdir", str(tmp_path), "--stage2-steps", "7",
+    curriculum = load_script("launch/curriculum.py")
+    args = curriculum.build_parser().parse_args(["--workdir", str(tmp_path), "--clap", "--stage2-steps", "7",
                                                  "--set", "2:optimizer.learning_rate=0.0"])
     overrides = curriculum.parse_overrides(args.set)
     configs = {s: curriculum.stage_config(args, s, overrides) for s in (0, 1, 2, 3)}
@@ -64,8 +57,9 @@ def test_stage_configs_chain_init_from_and_take_overrides(tmp_path):
     assert configs[1].init_from == f"htsat={tmp_path / 'clap'}"  # the tiny recipe starts from its AF-CLAP
     assert configs[2].init_from == str(tmp_path / "stage1") and configs[3].init_from == str(tmp_path / "stage2")
     assert configs[2].num_steps == 7 and configs[2].optimizer.learning_rate == 0.0
-    no_clap = curriculum.build_parser().parse_args(["--workdir", str(tmp_path), "--no-clap"])
-    assert curriculum.stage_config(no_clap, 1, overrides).init_from == ""
+    for flags in (["--no-clap"], []):  # off by default
+        no_clap = curriculum.build_parser().parse_args(["--workdir", str(tmp_path), *flags])
+        assert curriculum.stage_config(no_clap, 1, overrides).init_from == ""
     with pytest.raises(SystemExit, match="no field"):
         curriculum.stage_config(args, 1, curriculum.parse_overrides(["1:optimizer.nonexistent=1"]))
 
@@ -78,14 +72,15 @@ def _text_side_params(stage_dir):
 
 @pytest.mark.slow
 def test_curriculum_runs_three_chained_stages_and_reports(tmp_path):
-    # The README's command, as a fresh process (its own JAX configuration: two CPU devices, --cpu-devices' default).
+    # The README's command plus --clap (to cover the AF-CLAP stage), as a fresh process (its own JAX configuration: two CPU
+    # devices, --cpu-devices' default).
     # Stage 3 keeps stage 2's shapes (batch 8, one window) so its programs come from the compilation cache:
     # compiling dominates here.
     workdir = tmp_path / "run"
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env["XLA_FLAGS"] = "--xla_backend_optimization_level=0"  # compile fast, as tests/conftest.py
     command = [sys.executable, str(REPO / "launch" / "curriculum.py"), "--preset", "tiny", "--workdir", str(workdir),
-               "--clap-steps", "2", "--set", "clap:batch_size=4", "--eval-clap-examples", "4",
+               "--clap", "--clap-steps", "2", "--set", "clap:batch_size=4", "--eval-clap-examples", "4",
                "--stage1-steps", "3", "--stage2-steps", "2", "--stage3-steps", "2",
                "--set", "2:optimizer.learning_rate=0.0", "--set", "3:optimizer.learning_rate=0.0",
                "--set", "3:max_windows=1", "--set", "3:batch_size=8",
