@@ -42,14 +42,23 @@ def masked_moments(values: jax.Array, audio_mask: jax.Array):
     return jnp.sum(values * weight, (0, 1, 2)), jnp.sum(jnp.square(values) * weight, (0, 1, 2)), count
 
 
-def _summed_moments(batches: Iterable[dict], batch_moments: Callable) -> Moments | None:
+def _summed_moments(batches: Iterable[dict], batch_moments: Callable, combine: Combine | None) -> Moments | None:
     moments = None
     for batch in batches:
         s, q, n = (np.asarray(x, np.float64) for x in batch_moments(jnp.asarray(batch["audio"]),
                                                                       jnp.asarray(batch["audio_mask"])))
         m = np.stack([s, q, np.full_like(s, n)])
         moments = m if moments is None else moments + m
-    return moments
+    return combine(moments) if combine is not None and moments is not None else moments
+
+
+def _mean_and_variance(moments: Moments | None, what: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-channel mean, biased variance and count."""
+    if moments is None or moments[2, 0] < 2:
+        raise ValueError(f"{what} calibration: the batches hold no audio window")
+    total, squares, count = moments
+    mean = total / count
+    return mean, np.maximum(squares / count - np.square(mean), 0.0), count
 
 
 @jax.jit
@@ -63,36 +72,30 @@ def _token_moments(htsat, audio: jax.Array, audio_mask: jax.Array):
     return masked_moments(tokens.astype(jnp.float32), audio_mask)
 
 
-def log_mel_moments(batches: Iterable[dict]) -> Moments | None:
+def log_mel_moments(batches: Iterable[dict], combine: Combine | None = None) -> Moments | None:
     """Per-bin moments of the log-mel of every real window; None for no batch."""
-    return _summed_moments(batches, _log_mel_moments)
+    return _summed_moments(batches, _log_mel_moments, combine)
 
 
-def token_moments(htsat: nnx.Module, batches: Iterable[dict]) -> Moments | None:
+def token_moments(htsat: nnx.Module, batches: Iterable[dict], combine: Combine | None = None) -> Moments | None:
     """Per-channel moments of HTSAT's output tokens (eval mode) of every real window; None for no batch."""
-    return _summed_moments(batches, lambda audio, mask: _token_moments(htsat, audio, mask))
+    return _summed_moments(batches, lambda audio, mask: _token_moments(htsat, audio, mask), combine)
 
 
 def input_statistics(moments: Moments | None) -> tuple[np.ndarray, np.ndarray]:
     """Per-bin mean and unbiased variance from `log_mel_moments`."""
-    if moments is None or moments[2, 0] < 2:
-        raise ValueError("input-norm calibration: the batches hold no audio window")
-    total, squares, count = moments
-    mean = total / count
-    return mean, np.maximum(squares / count - np.square(mean), 0.0) * count / (count - 1)
+    mean, variance, count = _mean_and_variance(moments, "input-norm")
+    return mean, variance * count / (count - 1)
 
 
 def standardised_norm(scale: np.ndarray, bias: np.ndarray, moments: Moments | None, target_std: float = 1.0
                       ) -> dict[str, np.ndarray]:
     """The final LayerNorm's {'scale', 'bias'} whose output has per-channel mean 0 and standard deviation
     `target_std` over the tokens that `moments` measured with `scale` and `bias`."""
-    if moments is None or moments[2, 0] < 2:
-        raise ValueError("feature-norm calibration: the batches hold no audio window")
+    mean, variance, _ = _mean_and_variance(moments, "feature-norm")
     if target_std <= 0:
         raise ValueError(f"feature-norm calibration: target_std must be > 0, got {target_std}")
-    total, squares, count = moments
-    mean = total / count
-    gain = target_std / np.sqrt(np.maximum(squares / count - np.square(mean), 0.0) + EPS)
+    gain = target_std / np.sqrt(variance + EPS)
     return {"scale": np.asarray(scale, np.float64) * gain, "bias": (np.asarray(bias, np.float64) - mean) * gain}
 
 
@@ -117,8 +120,7 @@ def set_output_norm(htsat: nnx.Module, values: dict[str, np.ndarray]) -> None:
 def calibrate_input_norm(htsat: nnx.Module, batches: Iterable[dict], combine: Combine | None = None
                          ) -> tuple[np.ndarray, np.ndarray]:
     """Sets bn0's running mean and variance from `batches`; returns them."""
-    moments = log_mel_moments(batches)
-    mean, var = input_statistics(combine(moments) if combine and moments is not None else moments)
+    mean, var = input_statistics(log_mel_moments(batches, combine))
     set_input_norm(htsat, mean, var)
     return mean, var
 
@@ -127,9 +129,7 @@ def standardise_output_norm(htsat: nnx.Module, batches: Iterable[dict], target_s
                             combine: Combine | None = None) -> dict[str, np.ndarray]:
     """Sets the final LayerNorm so that the tokens of `batches` are standardised to `target_std`; returns its
     {'scale', 'bias'}."""
-    moments = token_moments(htsat, batches)
     current = {"scale": np.asarray(htsat.norm.scale.get_value()), "bias": np.asarray(htsat.norm.bias.get_value())}
-    values = standardised_norm(**current, moments=combine(moments) if combine and moments is not None else moments,
-                               target_std=target_std)
+    values = standardised_norm(**current, moments=token_moments(htsat, batches, combine), target_std=target_std)
     set_output_norm(htsat, values)
     return values

@@ -135,19 +135,20 @@ def train(cfg: Any, workdir: str | pathlib.Path, *, make_iterator: Callable[...,
     if restored is not None:
         state, start_step = restored
         logging.info("resumed from checkpoint %d in %s", start_step, checkpointer.directory)
-    elif task.name == "af2" and cfg.model.calibrate_input_norm and \
-            htsat_calibration.BN0_MEAN not in (init_params or {}):
+    af2 = task.name == "af2"
+    calibrate_input = af2 and restored is None and cfg.model.calibrate_input_norm and \
+        htsat_calibration.BN0_MEAN not in (init_params or {})
+    calibrate_output = af2 and restored is None and cfg.model.calibrate_feature_norm
+    if calibrate_input or calibrate_output:  # both measure the same first batches, read once
         batches = _first_batches(cfg, tokenizer, rows_per_step // jax.process_count(), make_iterator)
+    if calibrate_input:
         frozen = _calibrated(split, state, frozen, lambda model: _input_norm(model, batches))
-    if task.name == "af2" and cfg.model.calibrate_feature_norm:
-        if restored is not None:
-            frozen = _restored_feature_norm(split, state, frozen, workdir)
-        else:
-            batches = _first_batches(cfg, tokenizer, rows_per_step // jax.process_count(), make_iterator)
-            target = float(cfg.model.calibrate_feature_norm)
-            with jax.set_mesh(mesh):
-                frozen = _calibrated(split, state, frozen, lambda model: _feature_norm(model, batches, target,
-                                                                                         workdir))
+    if calibrate_output:
+        target = float(cfg.model.calibrate_feature_norm)
+        with jax.set_mesh(mesh):
+            frozen = _calibrated(split, state, frozen, lambda model: _feature_norm(model, batches, target, workdir))
+    elif af2 and restored is not None and cfg.model.calibrate_feature_norm:
+        frozen = _restored_feature_norm(split, state, frozen, workdir)
 
     step_fn = step_lib.jit_train_step(step_lib.make_train_step(
         split, tx, optimizer.learning_rate_schedule(cfg.optimizer, cfg.num_steps), loss=task.loss(cfg, patterns),

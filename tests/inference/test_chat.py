@@ -56,7 +56,6 @@ def test_scripted_session_keeps_history_and_streams_the_batched_answer(tmp_path,
         assert turn["answer"] == _batched(model, tokenizer, paths, turn["prompt"])
     # the batched path through the command gives the same session
     again = io.StringIO()
-    chat = load_script("launch/chat.py")
     assert chat.main(["--checkpoint", str(root / "model"), "--audio", clips["c0"], "--max-new-tokens",
                       str(NEW_TOKENS), "--no-stream"], stdin=io.StringIO("\n".join(script.split("\n")[:4])),
                      stdout=again) == 0
@@ -69,6 +68,6 @@ def test_question_before_any_audio_and_bad_checkpoint(tmp_path, setup, capsys): 
     chat = load_script("launch/chat.py")
     assert chat.main(["--checkpoint", str(root / "model")], stdin=io.StringIO("hello?\n"), stdout=out) == 1
     assert "attach an audio file first" in capsys.readouterr().err and out.getvalue() == ""
-    assert load_script("launch/chat.py").main(["--checkpoint", str(tmp_path / "none")], stdin=io.StringIO("")) == 2
+    assert chat.main(["--checkpoint", str(tmp_path / "none")], stdin=io.StringIO("")) == 2
     assert "none" in capsys.readouterr().err
 

@@ -60,7 +60,8 @@ def test_several_audio_per_prompt_command_line_and_manifest(tmp_path, setup, cap
     root, tokenizer, model, clips = setup
     out = tmp_path / "answers.jsonl"
     args = ["--checkpoint", str(root / "model"), "--max-new-tokens", str(NEW_TOKENS), "--no-progress"]
-    code = load_script("launch/infer.py").main(args + [
+    infer = load_script("launch/infer.py")
+    code = infer.main(args + [
         "--audio", clips["c0"], "--audio", clips["c1"], "--prompt", "<audio>A beep. <audio>What is THIS?",
         "--audio", clips["c2"], "--prompt", "what is this sound called?",
         "--audio", clips["c3"], "--audio", clips["c4"], "--prompt", "only one <audio> here",
@@ -78,7 +79,6 @@ def test_several_audio_per_prompt_command_line_and_manifest(tmp_path, setup, cap
                                                    "prompt": "<audio>A beep. <audio>What is THIS?"}])
     (tmp_path / "c0.wav").symlink_to(clips["c0"])
     (tmp_path / "c1.wav").symlink_to(clips["c1"])
-    infer = load_script("launch/infer.py")
     assert infer.main(args + ["--manifest", str(manifest), "--output", str(tmp_path / "m.jsonl")]) == 0
     row = json.loads((tmp_path / "m.jsonl").read_text())
     assert row["answer"] == rows["0"]["answer"] and row["audio"] == [str(tmp_path / "c0.wav"), str(tmp_path / "c1.wav")]
@@ -132,7 +132,6 @@ def test_retrieved_shots(tmp_path, setup, capsys):
         assert rows[item]["answer"] == _reference(model, tokenizer, [s["audio"] for s in shots] + [clips[query]],
                                                   text)
     # random examples: two distinct files, never the query's
-    infer = load_script("launch/infer.py")
     code = infer.main(["--checkpoint", str(root / "model"), "--max-new-tokens", str(NEW_TOKENS),
                        "--no-progress", "--shots", "2", "--index", str(tmp_path / "index"),
                        "--shot-selection", "random", "--audio", clips["c1"], "--prompt", "what?",

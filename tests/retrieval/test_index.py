@@ -138,7 +138,6 @@ def test_build_index_command_with_an_af2_model(tmp_path, clip_manifest, capsys):
     assert found[0, 0] == 2
     shots = fewshot.retrieve_shots(index, stored[2:3], 3, query_files=[rows[2]["audio"]])[0]
     assert 2 not in shots and len(shots) == 3
-    build_index = load_script("launch/build_index.py")
     assert build_index.main(["--model", str(tmp_path / "af2"), "--manifest", str(manifest), "--out",
                              str(out), "--no-progress"]) == 2
     assert "already holds an index" in capsys.readouterr().err
