@@ -111,6 +111,19 @@ def config_to_dict(config: Any) -> dict:
     return {f.name: _encode(getattr(config, f.name)) for f in dataclasses.fields(config)}
 
 
+def config_with_dtype(config: Any, dtype: Any) -> Any:
+    """`config` with every `dtype` and `param_dtype` field, in it and in the configs it nests, set to `dtype` (a
+    model served in bf16 computes and stores its weights in bf16)."""
+    changes = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if f.name in ("dtype", "param_dtype"):
+            changes[f.name] = dtype
+        elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+            changes[f.name] = config_with_dtype(value, dtype)
+    return dataclasses.replace(config, **changes)
+
+
 def dtype_from_name(name: str) -> Any:
     """'bfloat16' -> jnp.bfloat16 (the scalar type configs hold by default)."""
     if not hasattr(jnp, name):
@@ -296,9 +309,11 @@ def read_config(directory: str | os.PathLike) -> tuple[str, Any]:
     return kind, config_from_dict(config_cls, data["config"], where=f"{path}: config")
 
 
-def _restore(directory: Path, kind: str, config: Any, mesh: jax.sharding.Mesh | None) -> dict[str, Any]:
-    """Flat params: host numpy arrays without a mesh, else jax arrays sharded by their logical axes on `mesh`.
-    The checkpoint's own shardings are never reused: they name the devices of the run that wrote it."""
+def _restore(directory: Path, kind: str, config: Any, mesh: jax.sharding.Mesh | None, dtype: Any = None
+             ) -> dict[str, Any]:
+    """Flat params: host numpy arrays without a mesh, else jax arrays sharded by their logical axes on `mesh`
+    (each device reads only its shards). The checkpoint's own shardings are never reused: they name the devices of
+    the run that wrote it. `dtype`: floating arrays are cast to it while reading (else the stored dtype wins)."""
     import orbax.checkpoint as ocp
 
     params_dir = directory / PARAMS_DIR
@@ -310,13 +325,14 @@ def _restore(directory: Path, kind: str, config: Any, mesh: jax.sharding.Mesh | 
         metadata = getattr(metadata, "item_metadata", metadata)
         saved = param_tree.flatten(dict(getattr(metadata, "tree", metadata)))
         param_tree.check_params(str(params_dir), param_tree.model_params(model), saved)
+        dtypes = {p: dtype if dtype is not None and jnp.issubdtype(m.dtype, jnp.floating) else m.dtype
+                  for p, m in saved.items()}
         if mesh is None:
-            # the stored dtype wins, so fp32 and bf16 checkpoints come back as written
-            args = {p: ocp.RestoreArgs(restore_type=np.ndarray, dtype=m.dtype) for p, m in saved.items()}
+            args = {p: ocp.RestoreArgs(restore_type=np.ndarray, dtype=dtypes[p]) for p in saved}
         else:
             named = sharding.state_shardings(nnx.state(model, nnx.Not(nnx.RngState)), mesh)
             shardings = {param_tree.path_string(path): s for path, s in nnx.to_flat_state(named)}
-            args = {p: ocp.ArrayRestoreArgs(sharding=shardings[p], global_shape=tuple(m.shape), dtype=m.dtype)
+            args = {p: ocp.ArrayRestoreArgs(sharding=shardings[p], global_shape=tuple(m.shape), dtype=dtypes[p])
                     for p, m in saved.items()}
         restored = checkpointer.restore(params_dir, args=ocp.args.PyTreeRestore(
             restore_args=param_tree.nest(args)))
@@ -331,12 +347,16 @@ def load(path: str | os.PathLike, *, mesh: jax.sharding.Mesh | None = None) -> t
     return config, _restore(directory, kind, config, mesh)
 
 
-def load_model(path: str | os.PathLike, *, mesh: jax.sharding.Mesh | None = None) -> nnx.Module:
+def load_model(path: str | os.PathLike, *, mesh: jax.sharding.Mesh | None = None, dtype: Any = None
+               ) -> nnx.Module:
     """The model at `path` (see `resolve`), rebuilt abstractly and filled from the checkpoint (jax arrays, on the
-    default device or sharded on `mesh`)."""
+    default device or sharded on `mesh`). `dtype` (e.g. jnp.bfloat16): the model computes in it and its floating
+    weights are read into it (`config_with_dtype`); None keeps the saved config and dtypes."""
     directory = resolve(path)
     kind, config = read_config(directory)
-    params = _restore(directory, kind, config, mesh)
+    if dtype is not None:
+        config = config_with_dtype(config, dtype)
+    params = _restore(directory, kind, config, mesh, dtype)
     if mesh is None:
         params = {p: jnp.asarray(v) for p, v in params.items()}
     return param_tree.model_from_flat(abstract_model(kind, config), params)

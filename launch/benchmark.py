@@ -19,6 +19,14 @@ attention: the LLM's self-attention alone (`jax.nn.dot_product_attention`, forwa
 fused kernel, with the model's own boolean (B, 1, T, S) causal-and-padding mask and with `is_causal=True` alone;
 reports time per call and the largest difference, over real (unpadded) query rows, from XLA's masked output.
 cuDNN needs a GPU and bf16/fp16.
+
+    python launch/benchmark.py serving --fixture ../shared/fixtures/af2_tiny
+    python launch/benchmark.py serving --checkpoint runs/tiny/stage3
+
+serving: quality and size of the serving weights (af2_jax/inference/serving.py) against fp32: bf16, int8 weight-only
+and both. With --fixture, the logits on the golden fixture's inputs against the reference's own fp32 logits; for
+any model, greedy generation on random audio and prompts (share of rows and of tokens equal to fp32's), the bytes
+of the weights and the decode time per token on this machine.
 """
 from __future__ import annotations
 
@@ -406,6 +414,72 @@ def run_attention(args: argparse.Namespace) -> list[dict]:
     return results
 
 
+SERVING_MODES = (("float32", "none"), ("bfloat16", "none"), ("float32", "int8"), ("bfloat16", "int8"))
+
+
+def _weight_bytes(model) -> int:
+    import jax
+    from flax import nnx
+
+    return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def run_serving(args: argparse.Namespace) -> list[dict]:
+    import tempfile
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from af2_jax import pretrained
+    from af2_jax.inference import serving
+    from af2_jax.inference.generate import generate_tokens, left_pad
+    from af2_jax.inference.sampling import SamplingConfig
+
+    model_dir, golden = args.checkpoint, None
+    if args.fixture:
+        from af2_jax.convert.af2_release import import_release
+
+        config, params, _ = import_release(os.path.join(args.fixture, "state_dict.safetensors"), progress=False)
+        model_dir = pretrained.save(os.path.join(tempfile.mkdtemp(prefix="serving-"), "fixture"), config, params)
+        inputs = np.load(os.path.join(args.fixture, "inputs.npz"))
+        golden = (inputs, np.load(os.path.join(args.fixture, "outputs.npz"))["logits"])
+    _, config = pretrained.read_config(model_dir)
+    rng = np.random.default_rng(0)
+    audio = rng.uniform(-0.5, 0.5, (args.prompts, 1, 160000)).astype(np.float32)
+    prompts = [[config.audio_token_id, *rng.integers(0, min(config.llm.vocab_size, 200), size=n),
+                config.sep_token_id] for n in rng.integers(2, 12, size=args.prompts)]
+    ids, mask = left_pad(prompts, config.pad_token_id)
+    sampling = SamplingConfig(max_new_tokens=args.new_tokens)
+    machine = dict(backend=jax.default_backend(), device=str(jax.devices()[0]), machine=platform.platform())
+    results, reference = [], None
+    for dtype, quantize in SERVING_MODES:
+        model = serving.load_serving_model(model_dir, serving.ServingOptions(dtype=dtype, quantize=quantize))
+        result = dict(benchmark="serving", model=args.fixture or args.checkpoint, dtype=dtype, quantize=quantize,
+                      weight_mib=round(_weight_bytes(model) / 2**20, 3))
+        if golden is not None:
+            x, want = golden
+            got = np.asarray(model(*(jnp.asarray(x[k]) for k in ("audio_x", "audio_x_mask", "input_ids",
+                                                                   "attention_mask"))))
+            real = x["attention_mask"].astype(bool)
+            result.update(fixture_logits_max_abs_err=float(np.abs(got - want)[real].max()),
+                          fixture_logits_rel_err=float(np.abs(got - want)[real].max() / np.abs(want[real]).max()),
+                          fixture_argmax_agree=float((got.argmax(-1) == want.argmax(-1))[real].mean()))
+        tokens = generate_tokens(model, audio, np.ones((args.prompts, 1), np.float32), ids, mask, sampling,
+                                 eos_id=-1)
+        start = time.perf_counter()
+        generate_tokens(model, audio, np.ones((args.prompts, 1), np.float32), ids, mask, sampling, eos_id=-1)
+        result["generate_s_per_token"] = round((time.perf_counter() - start) / args.new_tokens, 5)
+        if reference is None:
+            reference = tokens
+        same_prefix = np.cumprod(tokens == reference, axis=1).sum(axis=1)
+        result.update(rows_equal_to_fp32=float((same_prefix == args.new_tokens).mean()),
+                      tokens_before_first_difference=float(same_prefix.mean()), **machine)
+        print(json.dumps(result), flush=True)
+        results.append(result)
+    return results
+
+
 def _peak_device_gib() -> float | None:
     """Peak bytes the first device's allocator has held (GPU/TPU); None where the backend does not say."""
     import jax
@@ -462,6 +536,13 @@ def build_parser() -> argparse.ArgumentParser:
     att.add_argument("--iters", type=int, default=10, help="timed calls after the first (best is kept)")
     att.add_argument("--dtype", default="bfloat16", choices=DTYPES)
     att.set_defaults(func=run_attention)
+    srv = sub.add_parser("serving", help="serving weights (bf16, int8) against fp32: quality, size, decode time")
+    source = srv.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="a model directory or training workdir")
+    source.add_argument("--fixture", help="the af2_tiny golden fixture directory (its logits are the reference)")
+    srv.add_argument("--prompts", type=int, default=32, help="random prompts generated per mode")
+    srv.add_argument("--new-tokens", type=int, default=16, help="greedy tokens per prompt")
+    srv.set_defaults(func=run_serving)
     return parser
 
 

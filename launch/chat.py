@@ -31,6 +31,8 @@ import af2_jax  # noqa: E402,F401  (package-wide flax settings)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from af2_jax.inference.serving import add_serving_arguments
+
     p = argparse.ArgumentParser(prog="chat.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--checkpoint", required=True, help="an AF2 model directory (ours), or a training workdir")
@@ -48,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="AF2-SoundCoT prompt: tag instruction appended, 1024-token prompt and answer limits")
     p.add_argument("--no-stream", dest="stream", action="store_false",
                    help="generate each answer in one batched call (no token-by-token output)")
+    add_serving_arguments(p)
     return p
 
 
@@ -82,6 +85,7 @@ def main(argv: list[str] | None = None, *, stdin=None, stdout=None) -> int:
     from af2_jax.inference.requests import (TextStream, TokenStreamer, load_answering_model, load_windows,
                                             text_prompt_ids)
     from af2_jax.inference.sampling import SamplingConfig
+    from af2_jax.inference.serving import serving_options
     from af2_jax.param_tree import ConversionError
     from af2_jax.tokenizer import COT_MAX_LEN, DEFAULT_MAX_LEN, TokenizerError, cot_prompt, format_chat_prompt
 
@@ -90,7 +94,8 @@ def main(argv: list[str] | None = None, *, stdin=None, stdout=None) -> int:
     try:
         sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                   max_new_tokens=max_new, seed=args.seed)
-        model, tokenizer, max_windows = load_answering_model(args.checkpoint, args.tokenizer, args.max_windows)
+        model, tokenizer, max_windows = load_answering_model(
+            args.checkpoint, args.tokenizer, args.max_windows, serving_options(args))
     except (TokenizerError, ConversionError, OSError, ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -21,6 +21,8 @@ SKILL_SETS = ("short", "long", "all")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from af2_jax.inference.serving import add_serving_arguments
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, help="pretrained-format model directory, or a training workdir")
     data = p.add_mutually_exclusive_group(required=True)
@@ -47,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default=None,
                    help="results JSON (default: eval_<model>_<data>.json in the current directory)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_serving_arguments(p)
     return p
 
 
@@ -83,6 +86,7 @@ class UsageError(Exception):
 def prepare(args):
     """(model, tokenizer, records, data description, output path): everything that can fail before generating."""
     from af2_jax import pretrained
+    from af2_jax.inference import serving
     from af2_jax.inference.requests import RequestError
     from af2_jax.param_tree import ConversionError
     from af2_jax.tokenizer import TokenizerError
@@ -95,7 +99,7 @@ def prepare(args):
             raise FileNotFoundError(f"--output {output}: the directory {output.absolute().parent} does not exist")
         records, data = load_test_set(args)
         tokenizer = pretrained.load_tokenizer(model_dir, args.tokenizer)
-        model = pretrained.load_model(model_dir)
+        model = serving.load_serving_model(model_dir, serving.serving_options(args))
         if args.max_windows and args.max_windows > model.config.max_windows:
             raise ValueError(f"--max-windows {args.max_windows} exceeds what this model takes "
                              f"({model.config.max_windows} windows)")
@@ -115,6 +119,7 @@ def run(args) -> dict:
     settings = runner.EvalSettings(batch_size=args.batch_size,
                                    max_windows=args.max_windows or model.config.max_windows)
     metadata = {"checkpoint": str(model_dir), "data": {**data, "num_examples": len(records)},
+                "serving": {"dtype": args.dtype, "quantize": args.quantize, "fsdp": args.fsdp, "tensor": args.tensor},
                 "sampling": {"temperature": sampling.temperature, "top_k": sampling.top_k, "top_p": sampling.top_p,
                              "max_new_tokens": sampling.max_new_tokens, "seed": sampling.seed}}
     try:

@@ -35,6 +35,8 @@ import af2_jax  # noqa: E402,F401  (package-wide flax settings)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from af2_jax.inference.serving import add_serving_arguments
+
     p = argparse.ArgumentParser(prog="infer.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--checkpoint", required=True,
@@ -64,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cot", action="store_true",
                    help="AF2-SoundCoT prompt: tag instruction appended, 1024-token prompt and answer limits")
     p.add_argument("--no-progress", dest="progress", action="store_false")
+    add_serving_arguments(p)
     return p
 
 
@@ -132,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     from af2_jax.inference.requests import (RequestError, answer_prompts, fewshot_request, load_answering_model,
                                             load_windows, text_prompt_ids)
     from af2_jax.inference.sampling import SamplingConfig
+    from af2_jax.inference.serving import serving_options
     from af2_jax.param_tree import ConversionError
     from af2_jax.retrieval.index import IndexFileError
     from af2_jax.tokenizer import (AUDIO_TOKEN, COT_MAX_LEN, DEFAULT_MAX_LEN, SEP_TOKEN, TokenizerError, check_prompt,
@@ -145,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
         items = _items(args, parser)
         sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                   max_new_tokens=max_new, seed=args.seed)
-        model, tokenizer, args.max_windows = load_answering_model(args.checkpoint, args.tokenizer, args.max_windows)
+        model, tokenizer, args.max_windows = load_answering_model(
+            args.checkpoint, args.tokenizer, args.max_windows, serving_options(args))
         if args.shots:
             from af2_jax.retrieval import embed, index as index_lib
 

@@ -3,9 +3,11 @@ left-padded prompts into a text KV cache, then decode inside one jitted `jax.lax
 per token) until every row has emitted `<|endoftext|>` or `max_new_tokens` is reached.
 
 Batches may mix audio lengths (missing windows are zeros with mask 0) and prompt lengths (LEFT padding); a row's
-tokens do not depend on the other rows of its batch. So a batch's rows are split over the process's devices (data
-parallel, the model copied onto each) whenever they divide evenly: on a CPU split into host devices, each core
-encodes its share of the audio.
+tokens do not depend on the other rows of its batch. A model whose weights are sharded over a mesh
+(`serving.load_serving_model` with fsdp/tensor) generates on that mesh: weights stay split, the rows are split over
+the mesh's data axes where they divide, the caches over batch and heads. Otherwise a batch's rows are split over
+the process's devices (data parallel, the model copied onto each) whenever they divide evenly: on a CPU split into
+host devices, each core encodes its share of the audio.
 
 Several audios per request (docs/MULTI_AUDIO.md): audio (B, A, W, 160000) with mask (B, A, W), both the audio slots
 and each audio's windows padded, and a prompt with one `<audio>` per audio. With the model's media-location mask on,
@@ -26,6 +28,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from af2_jax import sharding
 from af2_jax.audio.windows import pad_audios, pad_batch  # noqa: F401  (pad_audios: part of this module's API)
+from af2_jax.inference.serving import model_mesh
 from af2_jax.inference.sampling import SamplingConfig, next_token
 from af2_jax.models.af2 import init_cache
 from af2_jax.tokenizer import AUDIO_TOKEN, SEP_TOKEN, AF2Tokenizer, encode_prompt, extract_answer
@@ -90,8 +93,9 @@ def generate_tokens(model: nnx.Module, audio, audio_mask, input_ids, attention_m
     """audio (B, W, 160000), audio_mask (B, W) (or several audios per row: (B, A, W, 160000), (B, A, W), see
     `pad_audios`), left-padded input_ids / attention_mask (B, T) -> generated ids (B, max_new_tokens); each row
     ends at its first eos (`<|endoftext|>` unless `eos_id` says otherwise; included) and is padded with the pad id.
-    With `data_parallel`, the rows are split over `data_parallel_mesh(B)` and the model's weights are replicated
-    onto its devices (once: later calls find them there)."""
+    A model sharded over a mesh (`model_mesh`) runs there; else with `data_parallel` the rows are split over
+    `data_parallel_mesh(B)` and the model's weights are replicated onto its devices (once: later calls find them
+    there)."""
     config = model.config
     eos_id = config.eos_token_id if eos_id is None else eos_id
     if key is None:
@@ -101,13 +105,18 @@ def generate_tokens(model: nnx.Module, audio, audio_mask, input_ids, attention_m
         raise ValueError("generate_tokens: prompts must be LEFT-padded (every row's last token must be real)")
     inputs = (np.asarray(audio, np.float32), np.asarray(audio_mask, np.float32), np.asarray(input_ids, np.int32),
               attention_mask.astype(np.int32))
-    mesh = data_parallel_mesh(len(attention_mask)) if data_parallel else None
+    mesh = model_mesh(model)
+    if mesh is None and data_parallel:
+        mesh = data_parallel_mesh(len(attention_mask))
+        if mesh is not None:
+            nnx.update(model, jax.device_put(nnx.state(model), NamedSharding(mesh, PartitionSpec())))
     if mesh is None:
         return _generate(model, *map(jnp.asarray, inputs), key, sampling, eos_id)
-    nnx.update(model, jax.device_put(nnx.state(model), NamedSharding(mesh, PartitionSpec())))
-    rows = NamedSharding(mesh, PartitionSpec("data"))
+    shape = dict(mesh.shape)
+    inputs = [jax.device_put(x, NamedSharding(mesh, sharding.logical_to_spec(
+        ("act_batch",) + (None,) * (x.ndim - 1), x.shape, shape))) for x in inputs]
     with jax.set_mesh(mesh):
-        return _generate(model, *jax.device_put(inputs, rows), key, sampling, eos_id)
+        return _generate(model, *inputs, key, sampling, eos_id)
 
 
 def _generate(model, audio, audio_mask, input_ids, attention_mask, key, sampling, eos_id) -> np.ndarray:

@@ -133,16 +133,17 @@ def entry_windows(entry: dict, max_windows: int) -> np.ndarray:
         return make_windows(load_waveform(entry, max_windows), max_windows, name=str(entry.get("audio")))
 
 
-def load_answering_model(checkpoint, tokenizer_dir=None, max_windows: int | None = None):
-    """(model, tokenizer, max_windows) for the answering commands: the model directory (or workdir) resolved, its
-    tokenizer checked against the model's special-token ids, `max_windows` defaulting to the model's limit and
-    refused above it."""
+def load_answering_model(checkpoint, tokenizer_dir=None, max_windows: int | None = None, options=None):
+    """(model, tokenizer, max_windows) for the answering commands: the model directory (or workdir) resolved and
+    loaded as the `serving.ServingOptions` say (dtype, int8, mesh), its tokenizer checked against the model's
+    special-token ids, `max_windows` defaulting to the model's limit and refused above it."""
     from af2_jax import pretrained
+    from af2_jax.inference import serving
     from af2_jax.inference.generate import check_tokenizer
 
     model_dir = pretrained.resolve(checkpoint)
     tokenizer = pretrained.load_tokenizer(model_dir, tokenizer_dir)
-    model = pretrained.load_model(model_dir)
+    model = serving.load_serving_model(model_dir, options or serving.ServingOptions())
     check_tokenizer(model.config, tokenizer)
     limit = model.config.max_windows
     max_windows = max_windows or limit

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from af2_jax import sharding
 from af2_jax.audio.mel import log_mel
 from af2_jax.models import audio_encoder, qwen2, scan
 from af2_jax.models.audio_transformer import AudioTransformer, AudioTransformerConfig, audio_transformer_preset
@@ -185,7 +186,7 @@ class AF2Model(nnx.Module):
             return carry, block.audio_kv(media)
 
         _, kv = scan.scan(self.xattn, body, None, None, unroll=self.config.scan_unroll)
-        return kv
+        return tuple(sharding.constrain(x, qwen2.CACHE_AXES) for x in kv)
 
     # ---- text side --------------------------------------------------------------------------------------------
 

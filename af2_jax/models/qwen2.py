@@ -161,12 +161,16 @@ class KVCache:
         return self.valid.shape[-1]
 
 
+# a cache is split like the activations it holds: rows over the data axes, heads over tensor
+CACHE_AXES = ("layers", "act_batch", "act_length", "act_heads", None)
+
+
 def init_cache(config: Qwen2Config, batch: int, max_len: int, dtype: Any = None) -> KVCache:
     """An empty cache for `batch` rows of up to `max_len` tokens (prompt + generated)."""
     dtype = config.dtype if dtype is None else dtype
     shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
-    return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), valid=jnp.zeros((batch, max_len), bool),
-                   index=jnp.zeros((), jnp.int32))
+    k, v = (sharding.constrain(jnp.zeros(shape, dtype), CACHE_AXES) for _ in range(2))
+    return KVCache(k=k, v=v, valid=jnp.zeros((batch, max_len), bool), index=jnp.zeros((), jnp.int32))
 
 
 def positions_from_attention_mask(mask: jax.Array) -> jax.Array:
