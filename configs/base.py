@@ -61,8 +61,9 @@ def stage_config(stage: int, preset: str = "tiny") -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict(dict(
         preset=preset,
         compute_dtype="float32" if tiny else "bfloat16",
-        # what each component's backward recomputes (af2_jax/models/scan.py REMAT_POLICIES): the decoder
-        # superblocks (cross-attention + Qwen2 layer), HTSAT's Swin block pairs, the audio transformer's layers
+        # what each component's backward recomputes (af2_jax/models/scan.py REMAT_POLICIES: none, full, dots, or
+        # the named save_qkv_proj, save_out_proj, save_qkv_out_proj, save_mlp, minimal): the decoder superblocks
+        # (cross-attention + Qwen2 layer), HTSAT's Swin block pairs, the audio transformer's layers
         remat_policy="none" if tiny else "full",
         htsat_remat_policy="none",
         audio_transformer_remat_policy="none",

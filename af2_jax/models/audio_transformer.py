@@ -78,14 +78,15 @@ class SelfAttention(nnx.Module):
     def __call__(self, x: jax.Array, valid: jax.Array, positions: jax.Array, key: jax.Array | None) -> jax.Array:
         c = self.config
         b, n, _ = x.shape
-        q, k, v = (proj(x).reshape(b, n, c.n_heads, c.d_k) for proj in (self.query, self.key, self.value))
+        q, k, v = (scan_lib.tag(proj(x), name).reshape(b, n, c.n_heads, c.d_k) for proj, name in
+                   ((self.query, "query_proj"), (self.key, "key_proj"), (self.value, "value_proj")))
         q = rope.apply_rotary(q, positions, base=c.rope_base, rotary_dim=c.rotary_dim)
         k = rope.apply_rotary(k, positions, base=c.rope_base, rotary_dim=c.rotary_dim)
         q = q / jnp.asarray(np.sqrt(c.d_k), q.dtype)
         out = softmax_attention(q, k, v, dtype=c.dtype, allowed=valid[:, None, None, :], masked_logit=-1e9,
                                 dropout_rate=c.attention_dropout, dropout_key=key)  # masked_fill, as the reference
         out = out.reshape(b, n, c.n_heads * c.d_k)
-        return self.out(out)
+        return scan_lib.tag(self.out(out), "out_proj")
 
 
 class EncoderLayer(nnx.Module):
@@ -104,9 +105,9 @@ class EncoderLayer(nnx.Module):
         keys = jax.random.split(key, 3) if key is not None else (None,) * 3
         h = dropout(self.attention(x, valid, positions, keys[0]), c.dropout, keys[1])
         x = self.attention_norm(h.astype(jnp.float32) + x).astype(x.dtype)
-        h = jax.nn.relu(self.ffn["w1"](x))
+        h = jax.nn.relu(scan_lib.tag(self.ffn["w1"](x), "mlp_in"))
         h = sharding.constrain(h, ("act_batch", "act_length", "act_mlp"))
-        h = dropout(self.ffn["w2"](h), c.dropout, keys[2])
+        h = dropout(scan_lib.tag(self.ffn["w2"](h), "mlp_out"), c.dropout, keys[2])
         x = self.ffn_norm(h.astype(jnp.float32) + x).astype(x.dtype)
         return sharding.constrain(x, ("act_batch", "act_length", "act_embed"))
 

@@ -233,9 +233,9 @@ class Qwen2Attention(nnx.Module):
         """h (B, T, hidden), positions (B, T), mask (B, T, S) -> ((B, T, hidden), cache with this chunk written)."""
         c = self.config
         batch, length, _ = h.shape
-        q = self.q_proj(h).reshape(batch, length, c.num_heads, c.head_dim)
-        k = self.k_proj(h).reshape(batch, length, c.num_kv_heads, c.head_dim)
-        v = self.v_proj(h).reshape(batch, length, c.num_kv_heads, c.head_dim)
+        q = scan.tag(self.q_proj(h), "query_proj").reshape(batch, length, c.num_heads, c.head_dim)
+        k = scan.tag(self.k_proj(h), "key_proj").reshape(batch, length, c.num_kv_heads, c.head_dim)
+        v = scan.tag(self.v_proj(h), "value_proj").reshape(batch, length, c.num_kv_heads, c.head_dim)
         q = apply_rotary(q, positions, base=c.rope_theta)
         k = apply_rotary(k, positions, base=c.rope_theta)
         if cache is not None:
@@ -246,7 +246,7 @@ class Qwen2Attention(nnx.Module):
         out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None, :, :], scale=c.head_dim ** -0.5,
                                            implementation=c.attention_implementation)
         out = sharding.constrain(out, ("act_batch", "act_length", "act_heads", None))
-        return self.o_proj(out.reshape(batch, length, c.num_heads * c.head_dim)), cache
+        return scan.tag(self.o_proj(out.reshape(batch, length, c.num_heads * c.head_dim)), "out_proj"), cache
 
 
 class Qwen2MLP(nnx.Module):
@@ -259,9 +259,9 @@ class Qwen2MLP(nnx.Module):
         self.down_proj = _linear(c, c.intermediate_size, c.hidden_size, ("mlp", "embed"), bias=False, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        inner = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
+        inner = jax.nn.silu(scan.tag(self.gate_proj(x), "mlp_in")) * scan.tag(self.up_proj(x), "mlp_in")
         inner = sharding.constrain(inner, ("act_batch", "act_length", "act_mlp"))
-        return self.down_proj(inner)
+        return scan.tag(self.down_proj(inner), "mlp_out")
 
 
 class Qwen2DecoderLayer(nnx.Module):

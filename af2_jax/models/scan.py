@@ -1,17 +1,40 @@
 """Stacked layers: create N identical blocks as one module whose variables have a leading 'layers' axis, and run
-them with `jax.lax.scan` so compile time does not grow with depth. Rematerialisation policy is chosen by name."""
+them with `jax.lax.scan` so compile time does not grow with depth. Rematerialisation policy is chosen by name.
+
+Named policies (MaxText's idea): every model tags its projection outputs with `tag(x, name)` (one vocabulary,
+`REMAT_NAMES`: what a projection is, not where it is: the LLM's, the cross-attention's and the audio encoder's
+query projections are all 'query_proj'); a `save_*` policy keeps only those outputs for the backward pass and
+recomputes the rest of the block."""
 from __future__ import annotations
 
 from typing import Any, Callable
 
 import jax
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
+
+# outputs of: the query / key / value projections, HTSAT's fused one, the attention output projection, the
+# feed-forward's first (up, gate) and last (down) matrices
+REMAT_NAMES = ("query_proj", "key_proj", "value_proj", "qkv_proj", "out_proj", "mlp_in", "mlp_out")
+_save = jax.checkpoint_policies.save_only_these_names
 
 REMAT_POLICIES: dict[str, Any] = {
     "none": None,  # keep every activation (no remat)
     "full": jax.checkpoint_policies.nothing_saveable,  # recompute the whole block in the backward pass
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep weight-matmul outputs
+    "save_qkv_proj": _save("query_proj", "key_proj", "value_proj", "qkv_proj"),
+    "save_out_proj": _save("out_proj"),
+    "save_qkv_out_proj": _save("query_proj", "key_proj", "value_proj", "qkv_proj", "out_proj"),
+    "save_mlp": _save("mlp_in", "mlp_out"),
+    "minimal": _save(*REMAT_NAMES),  # every named projection: like "dots", without the unnamed matmuls
 }
+
+
+def tag(x: jax.Array, name: str) -> jax.Array:
+    """Names an activation for the `save_*` remat policies (the identity otherwise)."""
+    if name not in REMAT_NAMES:
+        raise ValueError(f"unknown remat name {name!r}; choose one of {REMAT_NAMES}")
+    return checkpoint_name(x, name)
 
 
 def stack(make_layer: Callable[[nnx.Rngs], nnx.Module], num_layers: int, rngs: nnx.Rngs) -> nnx.Module:

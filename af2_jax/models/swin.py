@@ -53,9 +53,9 @@ class SwinBlock(nnx.Module):
             h = jnp.roll(h, (shift, shift), axis=(1, 2))
         keys = jax.random.split(key) if key is not None else (None, None)
         x = x + drop_path(h.reshape(n, -1, dim).astype(x.dtype), drop_rate, keys[0])
-        h = jax.nn.gelu(self.fc1(self.norm2(x)), approximate=False)
+        h = jax.nn.gelu(scan_lib.tag(self.fc1(self.norm2(x)), "mlp_in"), approximate=False)
         h = sharding.constrain(h, ("act_batch", "act_length", "act_mlp"))
-        return x + drop_path(self.fc2(h).astype(x.dtype), drop_rate, keys[1])
+        return x + drop_path(scan_lib.tag(self.fc2(h), "mlp_out").astype(x.dtype), drop_rate, keys[1])
 
 
 class PatchMerging(nnx.Module):

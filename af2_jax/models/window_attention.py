@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from af2_jax.models import scan
 from af2_jax.models.attention import softmax_attention
 from af2_jax.models.htsat_config import HTSATConfig
 from af2_jax.models.layers import Dense
@@ -70,7 +71,7 @@ class WindowAttention(nnx.Module):
         """x (N, nW, L, C) windows of L tokens; `mask` (nW, L, L) or None -> (N, nW, L, C)."""
         *lead, length, dim = x.shape
         head_dim = dim // self.heads
-        qkv = self.qkv(x).reshape(*lead, length, 3, self.heads, head_dim)  # torch order: (3, heads, head_dim)
+        qkv = scan.tag(self.qkv(x), "qkv_proj").reshape(*lead, length, 3, self.heads, head_dim)  # torch order: (3, heads, head_dim)
         q, k, v = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]
         q = q * jnp.asarray(head_dim ** -0.5, q.dtype)
         bias = self.relative_position_bias_table[...].astype(jnp.float32)[index.reshape(-1)]
@@ -83,7 +84,7 @@ class WindowAttention(nnx.Module):
             out = _attend(q, k, v, bias, mask, self.dtype)
         else:
             out = _attend_in_groups(q, k, v, bias, mask, chunk, self.dtype)
-        return self.proj(out.reshape(*lead, length, dim))
+        return scan.tag(self.proj(out.reshape(*lead, length, dim)), "out_proj")
 
 
 def _attend(q, k, v, bias, mask, dtype):

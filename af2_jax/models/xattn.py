@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from af2_jax import sharding
-from af2_jax.models import attention as attention_lib
+from af2_jax.models import attention as attention_lib, scan
 from af2_jax.models.layers import Dense, LayerNorm
 
 
@@ -34,6 +34,13 @@ class XAttnConfig:
     eps: float = 1e-5
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    # jax.nn.dot_product_attention's: None lets XLA choose (cuDNN's fused kernel on GPU where it applies)
+    attention_implementation: str | None = None
+
+    def __post_init__(self):
+        if self.attention_implementation not in (None, "xla", "cudnn"):
+            raise ValueError(f"attention_implementation must be None, 'xla' or 'cudnn', got "
+                             f"{self.attention_implementation!r}")
 
     @property
     def inner_dim(self) -> int:
@@ -73,10 +80,14 @@ def attention_probs(q: jax.Array, k: jax.Array, allowed: jax.Array) -> jax.Array
     return attention_lib.attention_probs(q, k, allowed=allowed[:, None], masked_logit=MASKED_LOGIT)
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array, dtype) -> jax.Array:
-    """The whole cross-attention math, in one place (so that it can be routed through
-    `jax.nn.dot_product_attention`, which takes the same (B, H, T, S)-broadcastable boolean mask): (B, T, H, D)."""
-    return attention_lib.softmax_attention(q, k, v, dtype=dtype, allowed=allowed[:, None], masked_logit=MASKED_LOGIT)
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array, dtype,
+              implementation: str | None = None) -> jax.Array:
+    """The whole cross-attention math through `jax.nn.dot_product_attention` (cuDNN where it applies): scaled
+    queries (B, T, H, D), keys/values (B, S, H, D), `allowed` (B, T or 1, S) -> (B, T, H, D) in `dtype`. Its XLA
+    path is `attention_probs` @ v: fp32 logits and softmax, and a disallowed logit becomes a large negative number
+    (-0.7 FLT_MAX instead of -FLT_MAX: the same probabilities, also the uniform row when nothing is visible)."""
+    q, k, v = (x.astype(dtype) for x in (q, k, v))
+    return jax.nn.dot_product_attention(q, k, v, mask=allowed[:, None], scale=1.0, implementation=implementation)
 
 
 class GatedCrossAttentionBlock(nnx.Module):
@@ -108,13 +119,14 @@ class GatedCrossAttentionBlock(nnx.Module):
         """Audio tokens (B, S, dim_audio) -> keys, values (B, S, heads, dim_head); depend on the audio only."""
         c = self.config
         kv = jnp.einsum("bsa,akn->bskn", media.astype(c.dtype), self.to_kv[...].astype(c.dtype))
+        kv = scan.tag(kv, "key_proj")  # keys and values: one fused projection
         kv = kv.reshape(*kv.shape[:3], c.heads, c.dim_head)  # heads are the outer factor of (h d)
         return kv[:, :, 0], kv[:, :, 1]
 
     def queries(self, h: jax.Array) -> jax.Array:
         """h (B, T, dim) -> scaled queries (B, T, heads, dim_head)."""
         c = self.config
-        q = self.to_q(self.attn_norm(h)).reshape(*h.shape[:2], c.heads, c.dim_head)
+        q = scan.tag(self.to_q(self.attn_norm(h)), "query_proj").reshape(*h.shape[:2], c.heads, c.dim_head)
         return q * jnp.asarray(c.dim_head ** -0.5, c.dtype)
 
     def attend(self, h: jax.Array, k: jax.Array, v: jax.Array, media_mask: jax.Array,
@@ -122,14 +134,15 @@ class GatedCrossAttentionBlock(nnx.Module):
         """Cross-attention output before its gate: h (B, T, dim), k/v (B, S, heads, dim_head), media_mask (B, S);
         with `visible` (B, T) (see `visible_slots`) and `slot_size` the media-location mask applies too."""
         c = self.config
-        out = attention(self.queries(h), k, v, allowed_keys(media_mask, visible, slot_size), c.dtype)
-        return self.to_out(out.reshape(*h.shape[:2], c.inner_dim))
+        out = attention(self.queries(h), k, v, allowed_keys(media_mask, visible, slot_size), c.dtype,
+                        c.attention_implementation)
+        return scan.tag(self.to_out(out.reshape(*h.shape[:2], c.inner_dim)), "out_proj")
 
     def feed_forward(self, h: jax.Array) -> jax.Array:
         """FF output before its gate."""
-        x = jax.nn.gelu(self.ff_in(self.ff_norm(h)), approximate=False)
+        x = jax.nn.gelu(scan.tag(self.ff_in(self.ff_norm(h)), "mlp_in"), approximate=False)
         x = sharding.constrain(x, ("act_batch", "act_length", "act_mlp"))
-        return self.ff_out(x)
+        return scan.tag(self.ff_out(x), "mlp_out")
 
     def __call__(self, h: jax.Array, audio_kv: tuple[jax.Array, jax.Array], media_mask: jax.Array,
                  visible: jax.Array | None = None, slot_size: int | None = None) -> jax.Array:
