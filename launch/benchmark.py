@@ -27,6 +27,22 @@ serving: quality and size of the serving weights (af2_jax/inference/serving.py) 
 and both. With --fixture, the logits on the golden fixture's inputs against the reference's own fp32 logits; for
 any model, greedy generation on random audio and prompts (share of rows and of tokens equal to fp32's), the bytes
 of the weights and the decode time per token on this machine.
+
+    python launch/benchmark.py compare --reference /tmp/af2_ref --reference-deps /tmp/refdeps --windows 1 30 --iters 2
+
+compare: ours against NVIDIA's own PyTorch AF2 (a checkout of github.com/NVIDIA/audio-flamingo, branch
+audio_flamingo_2, imported from DIR at run time and built by launch/reference_af2.py, which says what it patches:
+no GPU, no network, no real checkpoint; transformers 5.x instead of the pinned 4.46.3) on the same float32 weights:
+ours from --checkpoint MODEL_DIR or, by default, the af2_tiny golden fixture's reference state dict; the
+reference's loaded strictly from our af2-to-torch export of them. First a check (max |logit difference| on the
+fixture's own inputs and on every timed input; over 1e-3 the command fails), then best-of --iters times, compile
+and warm-up excluded: the full forward (audio windows -> logits) per window count; the LLM with its
+cross-attention alone given the encoded audio (ours `text_logits(media=...)`, the reference's LM after
+`_encode_audio_x` / `_condition_media_locations`, as Flamingo.forward conditions it); greedy generation, 1 window a
+row, no early stop (ours batched `generate_tokens`; the reference's `Flamingo.generate` once per row, as its
+inference.py loops over samples): items/s and ms per decode step of the batch (from a 1-token and an N-token run),
+plus the share of equal tokens. torch gets as many threads as XLA's CPU pool (the usable cores). ratio =
+ours / reference.
 """
 from __future__ import annotations
 
@@ -480,6 +496,223 @@ def run_serving(args: argparse.Namespace) -> list[dict]:
     return results
 
 
+def _fixture_default() -> str:
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return os.path.join(os.environ.get("AF2_JAX_FIXTURES", os.path.join(os.path.dirname(repo), "shared",
+                                                                          "fixtures")), "af2_tiny")
+
+
+def _compare_models(args: argparse.Namespace):
+    """(config, our AF2Model, the reference Flamingo) with the same float32 weights: ours from the model directory
+    (or the fixture's reference state dict), the reference's from our af2-to-torch export of them."""
+    import importlib.util
+    import tempfile
+
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+    from safetensors.torch import load_file
+
+    from af2_jax import pretrained
+    from af2_jax.convert.af2_release import export_release, import_release
+    from af2_jax.models.af2 import AF2Model
+    from af2_jax.param_tree import unflatten
+
+    if args.checkpoint:
+        config, params = pretrained.load(args.checkpoint)
+        config = pretrained.config_with_dtype(config, jnp.float32)
+    else:
+        config, params, _ = import_release(os.path.join(args.fixture, "state_dict.safetensors"), progress=False)
+    params = {k: np.asarray(v, np.float32) if np.issubdtype(np.asarray(v).dtype, np.floating)
+              or np.asarray(v).dtype.name == "bfloat16" else np.asarray(v) for k, v in params.items()}
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: AF2Model(config, rngs=nnx.Rngs(0))))
+    state.replace_by_pure_dict(unflatten({k: jnp.asarray(v) for k, v in params.items()}))
+    ours = nnx.merge(graphdef, state)
+
+    spec = importlib.util.spec_from_file_location(
+        "reference_af2", os.path.join(os.path.dirname(os.path.abspath(__file__)), "reference_af2.py"))
+    reference_af2 = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(reference_af2)
+    reference, _ = reference_af2.build(args.reference, config, deps=args.reference_deps)
+    with tempfile.TemporaryDirectory(prefix="compare-export-") as release:  # what `convert.py af2-to-torch` writes
+        state_dict = {}
+        for chunk in export_release(config, params, release, progress=False):
+            state_dict.update(load_file(str(chunk)))
+    reference_af2.load_weights(reference, state_dict.items())
+    return config, ours, reference
+
+
+def _timed_pair(ours, reference, iters: int) -> tuple[float, float, float]:
+    """(ours' first call incl. compile, ours' best, the reference's best) of `iters` calls each after one warm-up
+    call each, the two sides alternating, so that load from other processes falls on both alike."""
+    start = time.perf_counter()
+    ours()
+    first = time.perf_counter() - start
+    reference()
+    best = [float("inf"), float("inf")]
+    for _ in range(iters):
+        for i, fn in enumerate((ours, reference)):
+            start = time.perf_counter()
+            fn()
+            best[i] = min(best[i], time.perf_counter() - start)
+    return first, best[0], best[1]
+
+
+def run_compare(args: argparse.Namespace) -> list[dict]:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+    from flax import nnx
+
+    from af2_jax.inference.generate import generate_tokens
+    from af2_jax.inference.sampling import SamplingConfig
+
+    jax.config.update("jax_default_matmul_precision", "highest")  # float32 matmuls on both sides
+    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    torch.set_num_threads(threads)  # XLA's CPU thread pool has one thread per usable core: the same count
+    config, ours, reference = _compare_models(args)
+    graphdef, state = nnx.split(ours)
+    machine = dict(model=args.checkpoint or args.fixture, backend=jax.default_backend(),
+                   device=str(jax.devices()[0]), torch=torch.__version__, torch_threads=torch.get_num_threads(),
+                   cpu_count=os.cpu_count(), machine=platform.platform())
+
+    @jax.jit
+    def forward(state, audio, audio_mask, ids, mask):
+        return nnx.merge(graphdef, state)(audio, audio_mask, ids, mask)
+
+    @jax.jit
+    def encode(state, audio, audio_mask):
+        return nnx.merge(graphdef, state).encode_audio(audio, audio_mask)
+
+    @jax.jit
+    def text(state, media, media_mask, ids, mask):
+        return nnx.merge(graphdef, state).text_logits(media_mask, ids, mask, media=media)[0]
+
+    rng = np.random.default_rng(0)
+    regular = min(config.eos_token_id, config.audio_token_id)
+
+    def inputs(batch, windows, tokens):
+        """Audio of exact 16-bit levels k/32767 (the reference's int16 round trip is then the identity, as for
+        audio read from a file), prompts `<audio> w.. <SEP>`, no padding."""
+        audio = (rng.integers(-16384, 16384, (batch, windows, 160000)) / 32767.0).astype(np.float32)
+        ids = rng.integers(0, regular, (batch, tokens))
+        ids[:, 0], ids[:, -1] = config.audio_token_id, config.sep_token_id
+        return audio, np.ones((batch, windows), np.float32), ids.astype(np.int64), np.ones((batch, tokens), np.int64)
+
+    def torch_args(*arrays):
+        return [torch.from_numpy(a) for a in arrays]
+
+    def emit(result):
+        result.update(machine)
+        print(json.dumps(result), flush=True)
+        results.append(result)
+
+    results, failures = [], []
+    if not args.checkpoint:  # the golden fixture's own inputs (padded windows and text): three-way check
+        x = np.load(os.path.join(args.fixture, "inputs.npz"))
+        golden = np.load(os.path.join(args.fixture, "outputs.npz"))["logits"]
+        arrays = [x[k] for k in ("audio_x", "audio_x_mask", "input_ids", "attention_mask")]
+        with torch.no_grad():
+            theirs = reference(*torch_args(*arrays), use_cache=False).logits.numpy()
+        mine = np.asarray(forward(state, *(jnp.asarray(a) for a in arrays)))
+        real = x["attention_mask"].astype(bool)
+        diffs = dict(ours_vs_reference=float(np.abs(mine - theirs)[real].max()),
+                     ours_vs_fixture=float(np.abs(mine - golden)[real].max()),
+                     reference_vs_fixture=float(np.abs(theirs - golden)[real].max()))
+        emit(dict(benchmark="compare-check", inputs="fixture", **diffs))
+        if diffs["ours_vs_reference"] > 1e-3:
+            failures.append("fixture inputs")
+    for windows in args.windows:
+        audio, audio_mask, ids, mask = inputs(args.batch, windows, args.prompt_tokens)
+        t_audio, t_audio_mask, t_ids, t_mask = torch_args(audio, audio_mask, ids, mask)
+        j_audio, j_audio_mask, j_ids, j_mask = (jnp.asarray(a) for a in (audio, audio_mask, ids.astype(np.int32),
+                                                                           mask.astype(np.int32)))
+        holder = {}
+
+        def ours_forward():
+            holder["ours"] = jax.block_until_ready(forward(state, j_audio, j_audio_mask, j_ids, j_mask))
+
+        def reference_forward():
+            with torch.no_grad():
+                holder["reference"] = reference(t_audio, t_audio_mask, t_ids, t_mask, use_cache=False).logits
+
+        ours_first, ours_best, reference_best = _timed_pair(ours_forward, reference_forward, args.iters)
+        diff = float(np.abs(np.asarray(holder["ours"]) - holder["reference"].numpy()).max())
+        common = dict(batch=args.batch, windows=windows, audio_tokens=windows * config.htsat.tokens_per_window,
+                      prompt_tokens=args.prompt_tokens, max_abs_logit_diff=diff)
+        emit(dict(benchmark="compare-forward", **common, ours_compile_s=round(ours_first - ours_best, 2),
+                  ours_s=round(ours_best, 4), reference_s=round(reference_best, 4),
+                  ratio=round(ours_best / reference_best, 3)))
+        if diff > 1e-3:
+            failures.append(f"forward, {windows} windows")
+
+        # the LLM with its cross-attention alone, given the encoded audio (not timed)
+        media, media_mask = jax.block_until_ready(encode(state, j_audio, j_audio_mask))
+        with torch.no_grad():  # what Flamingo.forward does before the LM: condition every layer on the audio
+            reference._encode_audio_x(audio_x=t_audio, audio_x_mask=t_audio_mask)
+            reference._condition_media_locations(input_ids=t_ids)
+
+        def ours_text():
+            holder["ours"] = jax.block_until_ready(text(state, media, media_mask, j_ids, j_mask))
+
+        def reference_text():
+            with torch.no_grad():
+                holder["reference"] = reference.lang_encoder(input_ids=t_ids, attention_mask=t_mask,
+                                                             use_cache=False).logits
+
+        ours_first, ours_best, reference_best = _timed_pair(ours_text, reference_text, args.iters)
+        reference.lang_encoder.clear_conditioned_layers()
+        diff = float(np.abs(np.asarray(holder["ours"]) - holder["reference"].numpy()).max())
+        common["max_abs_logit_diff"] = diff
+        emit(dict(benchmark="compare-llm-xattn", **common, ours_compile_s=round(ours_first - ours_best, 2),
+                  ours_s=round(ours_best, 4), reference_s=round(reference_best, 4),
+                  ratio=round(ours_best / reference_best, 3)))
+        if diff > 1e-3:
+            failures.append(f"LLM + cross-attention, {windows} windows")
+
+    # greedy generation, 1 window per row, no early stop on either side: ours batched, the reference's
+    # Flamingo.generate once per row (as its inference.py loops over samples)
+    reference.lang_encoder.generation_config.eos_token_id = None
+    for batch in args.gen_batches:
+        audio, audio_mask, ids, mask = inputs(batch, 1, args.prompt_tokens)
+        t_audio, t_audio_mask, t_ids, t_mask = torch_args(audio, audio_mask, ids, mask)
+        times, tokens = {}, {}
+        for steps in (1, args.new_tokens):
+            def ours_generate():
+                tokens["ours"] = generate_tokens(ours, audio, audio_mask, ids.astype(np.int32), mask.astype(np.int32),
+                                                 SamplingConfig(max_new_tokens=steps), eos_id=-1)
+
+            def reference_generate():
+                rows = []
+                with torch.no_grad():
+                    for i in range(batch):
+                        out = reference.generate(t_audio[i:i + 1], t_audio_mask[i:i + 1], t_ids[i:i + 1],
+                                                 t_mask[i:i + 1], max_new_tokens=steps, do_sample=False, num_beams=1,
+                                                 eos_token_id=None, pad_token_id=config.pad_token_id)
+                        rows.append(out[0, ids.shape[1]:].numpy())
+                tokens["reference"] = np.stack(rows)
+
+            first, times[("ours", steps)], times[("reference", steps)] = _timed_pair(ours_generate,
+                                                                                     reference_generate, args.iters)
+        same = tokens["ours"] == tokens["reference"][:, :args.new_tokens]
+        result = dict(benchmark="compare-generate", batch=batch, new_tokens=args.new_tokens,
+                      prompt_tokens=args.prompt_tokens, windows=1,
+                      tokens_equal=float(same.mean()), ours_compile_s=round(first - times[("ours", args.new_tokens)], 2))
+        for side in ("ours", "reference"):
+            total, one = times[(side, args.new_tokens)], times[(side, 1)]
+            result[f"{side}_s"] = round(total, 4)
+            result[f"{side}_items_per_s"] = round(batch / total, 3)
+            result[f"{side}_ms_per_token"] = round(1000 * max(total - one, 0.0) / (args.new_tokens - 1), 3)
+        result["ratio"] = round(result["ours_s"] / result["reference_s"], 3)
+        result["ratio_ms_per_token"] = (round(result["ours_ms_per_token"] / result["reference_ms_per_token"], 3)
+                                        if result["reference_ms_per_token"] > 0 else None)
+        emit(result)
+    if failures:
+        raise SystemExit(f"compare: ours and the reference disagree by more than 1e-3 on: {', '.join(failures)}")
+    return results
+
+
 def _peak_device_gib() -> float | None:
     """Peak bytes the first device's allocator has held (GPU/TPU); None where the backend does not say."""
     import jax
@@ -543,12 +776,31 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--prompts", type=int, default=32, help="random prompts generated per mode")
     srv.add_argument("--new-tokens", type=int, default=16, help="greedy tokens per prompt")
     srv.set_defaults(func=run_serving)
+    cmp = sub.add_parser("compare", help="ours against NVIDIA's PyTorch AF2 on the same weights: check, then time")
+    cmp.add_argument("--reference", required=True, metavar="DIR",
+                     help="a checkout of github.com/NVIDIA/audio-flamingo, branch audio_flamingo_2")
+    cmp.add_argument("--reference-deps", default=None, metavar="DIR",
+                     help="a folder put on sys.path for the reference's own imports (torchaudio, torchlibrosa, "
+                          "einops_exts) when they are not installed")
+    weights = cmp.add_mutually_exclusive_group()
+    weights.add_argument("--checkpoint", default=None, metavar="MODEL_DIR", help="our model directory (any AF2)")
+    weights.add_argument("--fixture", default=None,
+                         help="the af2_tiny golden fixture directory (the default weights; ../shared/fixtures)")
+    cmp.add_argument("--windows", type=int, nargs="+", default=[1, 30], help="window counts for the forward timings")
+    cmp.add_argument("--batch", type=int, default=1, help="examples per forward call")
+    cmp.add_argument("--prompt-tokens", type=int, default=16)
+    cmp.add_argument("--gen-batches", type=int, nargs="+", default=[1, 8], help="batch sizes for generation")
+    cmp.add_argument("--new-tokens", type=int, default=16, help="greedy tokens per row (no early stop)")
+    cmp.add_argument("--iters", type=int, default=2, help="timed repetitions after the first call (best is kept)")
+    cmp.set_defaults(func=run_compare)
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    for name in ("windows", "iters", "batch", "batches", "prompt_tokens", "tokens"):
+    if args.command == "compare" and not args.checkpoint and not args.fixture:
+        args.fixture = _fixture_default()
+    for name in ("windows", "iters", "batch", "batches", "gen_batches", "prompt_tokens", "tokens"):
         value = getattr(args, name, 1)
         if min(value if isinstance(value, list) else [value]) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be positive")
