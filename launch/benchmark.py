@@ -11,7 +11,8 @@ from the timed iterations (which start after one warm-up call and end with block
 generate: AF2 batched generation (af2_jax.inference.generate), random weights, no early stop. Reports the prefill
 cost (audio encoder + every layer's audio keys/values, then the prompt through the LLM) per window count, and the
 decode loop's tokens/second per batch size (from the difference of a 1-token and an N-token run, so the prefill is
-not counted twice).
+not counted twice). `--weights-dtype bfloat16` and `--quantize int8` hold the weights as a served model does (on a
+GPU: batch-1 decode against the weight-read bound).
 
     python launch/benchmark.py attention --preset 3b --batch 8 --tokens 512 --dtype bfloat16
 
@@ -163,8 +164,12 @@ def run_generate(args: argparse.Namespace) -> list[dict]:
     from af2_jax.inference.sampling import SamplingConfig
     from af2_jax.models.af2 import AF2Model, af2_preset
 
-    config = af2_preset(args.preset, dtype=jnp.dtype(args.dtype))
+    config = af2_preset(args.preset, dtype=jnp.dtype(args.dtype), param_dtype=jnp.dtype(args.weights_dtype))
     model = _random_module(lambda: AF2Model(config, rngs=nnx.Rngs(0)), 0)
+    if args.quantize == "int8":
+        from af2_jax.inference.serving import quantize_weights
+
+        quantize_weights(model)
     graphdef, state = nnx.split(model)
     rng = np.random.default_rng(0)
     machine = dict(backend=jax.default_backend(), device=str(jax.devices()[0]), cpu_count=os.cpu_count(),
@@ -201,7 +206,8 @@ def run_generate(args: argparse.Namespace) -> list[dict]:
         _, one = _timed(lambda: decode(audio_kv, media_mask, batch, 1), args.iters)
         first, many = _timed(lambda: decode(audio_kv, media_mask, batch, args.new_tokens), args.iters)
         loop_s = max(many - one, 1e-9)
-        result = dict(benchmark="generate-decode", preset=args.preset, dtype=args.dtype, batch=batch,
+        result = dict(benchmark="generate-decode", preset=args.preset, dtype=args.dtype,
+                      weights=f"{args.weights_dtype}{'+int8' if args.quantize == 'int8' else ''}", batch=batch,
                       new_tokens=args.new_tokens, prompt_tokens=args.prompt_tokens, compile_s=round(first - many, 2),
                       loop_s=round(loop_s, 4), tokens_per_s=round(batch * (args.new_tokens - 1) / loop_s, 1),
                       ms_per_step=round(1000 * loop_s / (args.new_tokens - 1), 2), **machine)
@@ -760,7 +766,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt-tokens", type=int, default=16)
     gen.add_argument("--new-tokens", type=int, default=32, help="decode steps per timed run (no early stop)")
     gen.add_argument("--iters", type=int, default=2, help="timed repetitions after the first call (best is kept)")
-    gen.add_argument("--dtype", default="float32", choices=DTYPES, help="compute dtype (weights stay float32)")
+    gen.add_argument("--dtype", default="float32", choices=DTYPES, help="compute dtype")
+    gen.add_argument("--weights-dtype", default="float32", choices=DTYPES,
+                     help="dtype the weights are held in (serving: bfloat16 halves what each decode step reads)")
+    gen.add_argument("--quantize", default="none", choices=("none", "int8"),
+                     help="int8: the decoder's matrices int8 weight-only (af2_jax/inference/serving.py)")
     gen.set_defaults(func=run_generate)
     att = sub.add_parser("attention", help="LLM self-attention, forward + backward: XLA against cuDNN")
     att.add_argument("--preset", default="3b", choices=["tiny", "0.5b", "1.5b", "3b"])
