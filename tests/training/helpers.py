@@ -128,9 +128,10 @@ def flat(tree):
 
 
 @functools.cache
-def run_steps(stage: int, mesh_shape: tuple[int, int, int], steps: int = 2, accumulation: int = 2):
+def run_steps(stage: int, mesh_shape: tuple[int, int, int], steps: int = 2, accumulation: int = 2,
+              rows: int = ROWS):
     """`steps` jitted train steps of the test model (the stage's trainable set, HTSAT in training mode in stage 2)
-    on a ('data', 'fsdp', 'tensor') mesh, each over ROWS x `accumulation` rows; memoised, so the test files share
+    on a ('data', 'fsdp', 'tensor') mesh, each over `rows` x `accumulation` rows; memoised, so the test files share
     one compiled run per (stage, mesh). -> dict(losses, params_before, params_after, stats_before, stats_after)."""
     import math
 
@@ -141,7 +142,7 @@ def run_steps(stage: int, mesh_shape: tuple[int, int, int], steps: int = 2, accu
     from af2_jax.training import optimizer, step as step_lib, train_state
     from af2_jax.training.distributed import global_batch
 
-    cfg = stage_config(stage)
+    cfg = stage_config(stage, batch_size=rows)
     mesh = sharding.make_mesh(*mesh_shape, devices=jax.devices()[:math.prod(mesh_shape)])
     tx = optimizer.make_optimizer(cfg.optimizer, cfg.trainable)
     split, state, frozen, shardings = train_state.create_train_state(tiny_model_factory(cfg), cfg.trainable, tx,
@@ -151,7 +152,7 @@ def run_steps(stage: int, mesh_shape: tuple[int, int, int], steps: int = 2, accu
     step = step_lib.jit_train_step(step_lib.make_train_step(
         split, tx, optimizer.learning_rate_schedule(cfg.optimizer), loss=step_lib.af2_loss(train_htsat=stage >= 2)),
         mesh, shardings)
-    batches = RandomBatches(ROWS * accumulation)
+    batches = RandomBatches(rows * accumulation)
     losses = []
     with jax.set_mesh(mesh):
         for _ in range(steps):
