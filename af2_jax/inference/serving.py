@@ -86,7 +86,7 @@ def quantize_weights(model: nnx.Module) -> list[str]:
         variable.set_value(quantize_int8(value, axis))
         done.append(name)
     if not done:
-        raise ValueError(f"{type(model).__name__} has no decoder weights to quantise (int8 is for AF2 / Qwen2)")
+        raise ValueError(f"{type(model).__name__} has no llm/ or xattn/ weights to quantise (int8 serving is for AF2 models)")
     nnx.update(model, state)
     return done
 
